@@ -1,0 +1,102 @@
+"""Causal self-attention: multi-head, grouped-query and multi-query (Ainslie et al. 2023) through
+`n_kv_heads`, optional sliding window (Child et al. 2019; Mistral), QK-norm (Dehghani et al.
+2023; Qwen3), ALiBi bias, and Gemma 2's tanh soft-capping of the attention logits.
+
+Two implementations of the same math:
+- "sdpa": `torch.nn.functional.scaled_dot_product_attention`, which dispatches to fused flash /
+  memory-efficient kernels where the hardware has them. Soft-capping cannot be expressed through
+  it, so soft-capped layers always use the reference path.
+- "reference": the textbook softmax(Q K^T * scale + bias + mask) V in float32, the oracle in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .norm import Norm
+from .position import apply_rope
+
+ATTN_IMPLS = ("sdpa", "reference")
+
+
+def causal_mask(q_start: int, n_q: int, n_k: int, window: int | None,
+                   key_valid: torch.Tensor | None, device=None) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, n_q, n_k), True where query slot q may attend key slot k:
+    causal (k <= q), inside the window (q - k < window) and not padding. A query always sees its
+    own slot, so a padding query's row is never empty (which would give NaN)."""
+    q = torch.arange(q_start, q_start + n_q, device=device)[:, None]
+    k = torch.arange(n_k, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = (allowed & key_valid[:, None, None, :n_k]) | (k == q)
+    return allowed
+
+
+def reference_attention(q, k, v, mask, scale: float, softcap: float | None = None,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(cap * tanh(Q K^T * scale / cap) + bias, masked) V, computed in float32."""
+    n_rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1).float()
+    v = v.repeat_interleave(n_rep, dim=1).float()
+    scores = q.float() @ k.transpose(-2, -1) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.window_of(layer)
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
+        self.softcap = cfg.attn_softcap
+        self.impl = "sdpa"
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        self.q_norm = Norm(cfg.head_dim, "rmsnorm", cfg.norm_eps, unit_offset=cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg.head_dim, "rmsnorm", cfg.norm_eps, unit_offset=cfg.norm_unit_offset) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                masks: dict, cache: KVCache | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+
+        mask = masks[self.window]  # None: plain causal from slot 0, or one query seeing everything
+        if mask is None and T > 1 and (self.impl == "reference" or self.softcap is not None or alibi is not None):
+            mask = causal_mask(0, T, T, None, None, x.device)
+        if self.impl == "reference" or self.softcap is not None:
+            y = reference_attention(q, k, v, mask, self.scale, self.softcap, alibi)
+        else:
+            attn_mask, is_causal = mask, mask is None and T > 1
+            if alibi is not None:  # SDPA takes an additive float mask: bias, -inf where masked
+                attn_mask = alibi.to(q.dtype)
+                if mask is not None:
+                    attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

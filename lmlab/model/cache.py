@@ -1,0 +1,68 @@
+"""A preallocated key/value cache for incremental decoding.
+
+One (batch, n_kv_heads, max_len, head_dim) buffer per layer for keys and one for values, filled
+left to right; `length` slots are in use. Rows of a batch share slot indices, so prompts of
+different lengths are left-padded, and `valid` marks which slots hold real tokens (padding slots
+are never attended to). `n_tokens` counts the real tokens of each row: the next token's position.
+
+Allocating once up front means no reallocation or concatenation per step, and a decode step only
+writes one slot per layer. (The paged, block-allocated cache of the serving engine is a separate
+structure built for many requests that come and go.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None,
+                 dtype: torch.dtype = torch.float32):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.n_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    def all_valid_through(self, end: int) -> bool:
+        """True when no slot before `end` is padding (padding masks can then be skipped)."""
+        return bool(self.valid[:, :end].all())
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values (B, H, T, D) at slots [length, length + T); return all in use."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reserve(self, n: int, valid: torch.Tensor | None = None) -> None:
+        """Check room for n new slots and record which of them hold real tokens (B, n)."""
+        if self.length + n > self.max_len:
+            raise ValueError(
+                f"KV cache is full: {self.length} slots used + {n} new > max_len={self.max_len}; "
+                "allocate a larger cache (max_len >= prompt length + max new tokens)"
+            )
+        if valid is None:
+            valid = torch.ones(self.batch_size, n, dtype=torch.bool, device=self.valid.device)
+        self.valid[:, self.length : self.length + n] = valid
+
+    def advance(self, n: int) -> None:
+        """Mark n more slots as used, after every layer has written them."""
+        self.n_tokens += self.valid[:, self.length : self.length + n].sum(dim=1)
+        self.length += n
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.n_tokens.zero_()
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

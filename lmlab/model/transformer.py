@@ -1,0 +1,206 @@
+"""The decoder-only transformer: one module whose every variant is a `ModelConfig` field.
+
+    x = embed(ids) * embedding_scale (+ position embedding)
+    for each block:  x = x + post_norm(attn(pre_norm(x)))
+                     x = x + post_norm(mlp(pre_norm(x)))
+    logits = softcap(final_norm(x) @ W_out)
+
+Parameter names follow the Hugging Face Llama layout (q_proj, gate_proj, ...), so checkpoint
+conversion is mostly renaming and LoRA target patterns read the same as elsewhere.
+Build big models on the meta device and initialize once: `build_model(cfg, device=...)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import ATTN_IMPLS, Attention, causal_mask
+from .cache import KVCache
+from .config import ModelConfig
+from .mlp import MLP
+from .norm import Norm
+from .position import alibi_slopes, rope_cos_sin, sinusoidal_embedding
+
+IGNORE_INDEX = -100
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = Norm.from_config(cfg) if cfg.pre_norm else None
+        self.attn = Attention(cfg, layer)
+        self.attn_post_norm = Norm.from_config(cfg) if cfg.post_norm else None
+        self.mlp_norm = Norm.from_config(cfg) if cfg.pre_norm else None
+        self.mlp = MLP(cfg)
+        self.mlp_post_norm = Norm.from_config(cfg) if cfg.post_norm else None
+
+    def forward(self, x, rope, masks, cache=None, alibi=None):
+        h = self.attn_norm(x) if self.attn_norm is not None else x
+        h = self.attn(h, rope, masks, cache, alibi)
+        x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
+        h = self.mlp_norm(x) if self.mlp_norm is not None else x
+        h = self.mlp(h)
+        return x + (self.mlp_post_norm(h) if self.mlp_post_norm is not None else h)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = Norm.from_config(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    # --- initialization --------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for every matrix; output projections of the residual branches
+        scaled by 1/sqrt(2 n_layers) (GPT-2), so the residual stream's variance does not grow
+        with depth; biases zero; norms at identity. Free on the meta device."""
+        cfg = self.cfg
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, cfg.init_std)
+            elif isinstance(module, Norm):
+                module.reset_parameters()
+
+    def set_attn_impl(self, impl: str) -> Transformer:
+        """Switch every layer between "sdpa" (fused kernels) and "reference" (plain math)."""
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attention implementation {impl!r}; choose one of {ATTN_IMPLS}")
+        for block in self.blocks:
+            block.attn.impl = impl
+        return self
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        """ids (B, T) -> logits (B, T, vocab) and, with targets (B, T), the mean next-token
+        cross-entropy over targets != -100 (targets are already shifted: targets[t] = ids[t+1]).
+
+        cache: a KVCache to read earlier keys/values from and append these to.
+        positions: (B, T) token positions; by default counted from the cache and the mask.
+        attention_mask: (B, T), 1 for real tokens and 0 for (left) padding.
+        """
+        h = self.hidden_states(ids, cache, positions, attention_mask)
+        logits = self.logits(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits, loss)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, d_model) -> logits, soft-capped when configured."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, weight)
+        if self.cfg.logit_softcap is not None:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, d_model) that the output head reads."""
+        cfg = self.cfg
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        if cache is not None:
+            cache.reserve(T, valid)
+            key_valid = None if cache.all_valid_through(start + T) else cache.valid
+            n_before = cache.n_tokens
+        else:
+            key_valid = None if valid is None or bool(valid.all()) else valid
+            n_before = torch.zeros(B, dtype=torch.long, device=ids.device)
+        if positions is None:
+            positions = self._positions(n_before, valid, B, T, ids.device)
+        if cfg.position == "learned" and int(positions.max()) >= cfg.max_seq_len:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond max_seq_len={cfg.max_seq_len} of this "
+                "model's learned position embeddings; shorten the input"
+            )
+
+        x = self.embed(ids)
+        if cfg.embedding_scale is not None:
+            # in the activation dtype, as the reference implementations round it
+            x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        elif cfg.position == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, cfg.d_model).to(x.dtype)
+
+        rope = rope_cos_sin(cfg, positions, x.dtype) if cfg.position == "rope" else None
+        n_k = start + T
+        alibi = None
+        if cfg.position == "alibi":
+            distance = torch.arange(n_k, device=ids.device)[None, :] - torch.arange(start, n_k, device=ids.device)[:, None]
+            alibi = alibi_slopes(cfg.n_heads).to(ids.device)[:, None, None] * distance  # (H, T, n_k)
+        masks = {}
+        for layer in range(cfg.n_layers):
+            window = cfg.window_of(layer)
+            if window not in masks:
+                effective = window if window is not None and window < n_k else None
+                if key_valid is None and effective is None and (start == 0 or T == 1):
+                    masks[window] = None  # plain causal: let the kernel use its fast path
+                else:
+                    masks[window] = causal_mask(start, T, n_k, effective, key_valid, ids.device)
+
+        for block in self.blocks:
+            x = block(x, rope, masks, cache, alibi)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    @staticmethod
+    def _positions(n_before, valid, B, T, device):
+        if valid is None:
+            return n_before[:, None] + torch.arange(T, device=device)[None, :]
+        # count only real tokens, so a left-padded prompt gets the positions it would have alone
+        positions = n_before[:, None] + valid.long().cumsum(dim=1) - 1
+        return positions.clamp(min=0)
+
+    # --- utilities -------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+        return n
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                init: bool = True) -> Transformer:
+    """Build on the meta device (no memory, no wasted init), then materialize once on `device`.
+    With init=False the weights are left uninitialized, for a caller that loads them next."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if init:
+        model.init_weights()
+    return model
