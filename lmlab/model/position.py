@@ -82,7 +82,13 @@ def _yarn_frequencies(cfg: ModelConfig, exponents: torch.Tensor) -> tuple[torch.
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (B, 1, T, rotary_dim) for integer positions (B, T), in float32 math."""
-    inv_freq, scale = rope_frequencies(cfg, int(positions.max()) + 1, positions.device)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic":
+        # the length is taken per row, so a sequence's rotation never depends on its batch-mates
+        lengths = (positions.amax(dim=1) + 1).tolist()
+        inv_freq = torch.stack([rope_frequencies(cfg, n, positions.device)[0] for n in lengths])[:, None]
+        scale = 1.0
+    else:
+        inv_freq, scale = rope_frequencies(cfg, int(positions.max()) + 1, positions.device)
     angles = positions.float()[..., None] * inv_freq  # (B, T, rotary_dim / 2)
     angles = torch.cat((angles, angles), dim=-1)
     return (angles.cos() * scale).to(dtype)[:, None], (angles.sin() * scale).to(dtype)[:, None]
