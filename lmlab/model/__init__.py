@@ -5,3 +5,35 @@ from .config import ModelConfig, RopeScaling
 from .transformer import IGNORE_INDEX, ModelOutput, Transformer, build_model
 
 __all__ = ["IGNORE_INDEX", "KVCache", "ModelConfig", "ModelOutput", "RopeScaling", "Transformer", "build_model"]
+
+# lmlab's checkpoint directory format and config-only counts
+from .checkpoint import (  # noqa: E402
+    CheckpointConfigError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    atomic_directory,
+    is_checkpoint,
+    load_checkpoint,
+    read_config,
+    read_metadata,
+    save_checkpoint,
+    write_checkpoint_files,
+)
+from .counting import (  # noqa: E402
+    count_params,
+    flops_per_token,
+    forward_flops_per_token,
+    kv_cache_bytes_per_token,
+    matmul_params,
+    summary,
+)
+
+__all__ += [
+    "CheckpointConfigError", "CheckpointCorruptError", "CheckpointError",
+    "CheckpointMismatchError", "CheckpointNotFoundError", "atomic_directory", "is_checkpoint",
+    "load_checkpoint", "read_config", "read_metadata", "save_checkpoint", "write_checkpoint_files",
+    "count_params", "flops_per_token", "forward_flops_per_token", "kv_cache_bytes_per_token",
+    "matmul_params", "summary",
+]
