@@ -68,8 +68,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attn_out_bias)
-        self.q_norm = Norm(cfg.head_dim, "rmsnorm", cfg.norm_eps, unit_offset=cfg.norm_unit_offset) if cfg.qk_norm else None
-        self.k_norm = Norm(cfg.head_dim, "rmsnorm", cfg.norm_eps, unit_offset=cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg.head_dim, "rmsnorm", cfg.norm_eps, unit_offset=cfg.norm_unit_offset)
+            self.k_norm = Norm(cfg.head_dim, "rmsnorm", cfg.norm_eps, unit_offset=cfg.norm_unit_offset)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 masks: dict, cache: KVCache | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,14 +27,12 @@ class KVCache:
         self.n_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
         self.max_len = max_len
+        self.has_padding = False  # a Python flag, so decode steps never sync with the device
+
 
     @property
     def batch_size(self) -> int:
         return self.valid.shape[0]
-
-    def all_valid_through(self, end: int) -> bool:
-        """True when no slot before `end` is padding (padding masks can then be skipped)."""
-        return bool(self.valid[:, :end].all())
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (B, H, T, D) at slots [length, length + T); return all in use."""
@@ -51,8 +49,10 @@ class KVCache:
                 "allocate a larger cache (max_len >= prompt length + max new tokens)"
             )
         if valid is None:
-            valid = torch.ones(self.batch_size, n, dtype=torch.bool, device=self.valid.device)
-        self.valid[:, self.length : self.length + n] = valid
+            self.valid[:, self.length : self.length + n] = True
+        else:
+            self.valid[:, self.length : self.length + n] = valid
+            self.has_padding = self.has_padding or not bool(valid.all())
 
     def advance(self, n: int) -> None:
         """Mark n more slots as used, after every layer has written them."""
@@ -63,6 +63,7 @@ class KVCache:
         self.valid.zero_()
         self.n_tokens.zero_()
         self.length = 0
+        self.has_padding = False
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -87,8 +87,8 @@ def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) 
         lengths = (positions.amax(dim=1) + 1).tolist()
         inv_freq = torch.stack([rope_frequencies(cfg, n, positions.device)[0] for n in lengths])[:, None]
         scale = 1.0
-    else:
-        inv_freq, scale = rope_frequencies(cfg, int(positions.max()) + 1, positions.device)
+    else:  # the length matters only to dynamic NTK: no device sync for the others
+        inv_freq, scale = rope_frequencies(cfg, 0, positions.device)
     angles = positions.float()[..., None] * inv_freq  # (B, T, rotary_dim / 2)
     angles = torch.cat((angles, angles), dim=-1)
     return (angles.cos() * scale).to(dtype)[:, None], (angles.sin() * scale).to(dtype)[:, None]

@@ -128,18 +128,21 @@ class Transformer(nn.Module):
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
         if cache is not None:
             cache.reserve(T, valid)
-            key_valid = None if cache.all_valid_through(start + T) else cache.valid
+            key_valid = cache.valid if cache.has_padding else None
             n_before = cache.n_tokens
         else:
             key_valid = None if valid is None or bool(valid.all()) else valid
             n_before = torch.zeros(B, dtype=torch.long, device=ids.device)
+        if cfg.position == "learned":
+            # positions never exceed slots, so the slot count bounds them without a device sync
+            last = start + T - 1 if positions is None else int(positions.max())
+            if last >= cfg.max_seq_len:
+                raise ValueError(
+                    f"position {last} is beyond max_seq_len={cfg.max_seq_len} of this model's "
+                    "learned position embeddings; shorten the input"
+                )
         if positions is None:
             positions = self._positions(n_before, valid, B, T, ids.device)
-        if cfg.position == "learned" and int(positions.max()) >= cfg.max_seq_len:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond max_seq_len={cfg.max_seq_len} of this "
-                "model's learned position embeddings; shorten the input"
-            )
 
         x = self.embed(ids)
         if cfg.embedding_scale is not None:
@@ -154,7 +157,8 @@ class Transformer(nn.Module):
         n_k = start + T
         alibi = None
         if cfg.position == "alibi":
-            distance = torch.arange(n_k, device=ids.device)[None, :] - torch.arange(start, n_k, device=ids.device)[:, None]
+            slots = torch.arange(n_k, device=ids.device)
+            distance = slots[None, :] - slots[start:, None]  # key minus query: <= 0 where visible
             alibi = alibi_slopes(cfg.n_heads).to(ids.device)[:, None, None] * distance  # (H, T, n_k)
         masks = {}
         for layer in range(cfg.n_layers):
