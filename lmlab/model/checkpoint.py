@@ -233,7 +233,8 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     An empty directory at `path` is replaced; anything else that exists there (an lmlab
     checkpoint included) is refused with FileExistsError unless overwrite=True, so a mistyped
     output path never destroys a checkpoint. Replacing is done on Linux by an atomic exchange,
-    elsewhere by moving the old directory aside, renaming the new one in, then deleting the old. If the block raises, the temporary directory is deleted and `path` is left
+    elsewhere by moving the old directory aside, renaming the new one in, then deleting the old.
+    If the block raises, the temporary directory is deleted and `path` is left
     untouched. The temporary directory is a hidden sibling (`.<name>.tmp-*`) because a rename is
     only atomic within one filesystem; a process killed mid-write can leave one behind, which is
     safe to delete.

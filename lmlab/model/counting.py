@@ -115,9 +115,10 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
 
 
-def summary(cfg: ModelConfig) -> dict[str, Any]:
-    """The headline numbers of a config, as plain ints (for `lmlab info` and logs). FLOPs are at
-    seq_len = cfg.max_seq_len."""
+def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]:
+    """The headline numbers of a config, as plain ints (for `lmlab info` and logs). FLOPs and
+    the per-sequence KV size are at `seq_len` (default cfg.max_seq_len)."""
+    seq_len = seq_len or cfg.max_seq_len
     total = count_params(cfg)
     kv_bf16 = kv_cache_bytes_per_token(cfg, torch.bfloat16)
     return {
@@ -125,12 +126,12 @@ def summary(cfg: ModelConfig) -> dict[str, Any]:
         "params_non_embedding": count_params(cfg, embeddings=False),
         "params_embedding": embedding_params(cfg),
         "matmul_params": matmul_params(cfg),
-        "seq_len": cfg.max_seq_len,
-        "flops_per_token": flops_per_token(cfg),
-        "forward_flops_per_token": forward_flops_per_token(cfg),
+        "seq_len": seq_len,
+        "flops_per_token": flops_per_token(cfg, seq_len),
+        "forward_flops_per_token": forward_flops_per_token(cfg, seq_len),
         "weight_bytes_bf16": 2 * total,
         "weight_bytes_fp32": 4 * total,
         "kv_cache_bytes_per_token_bf16": kv_bf16,
         "kv_cache_bytes_per_token_fp32": kv_cache_bytes_per_token(cfg, torch.float32),
-        "kv_cache_bytes_per_sequence_bf16": kv_bf16 * cfg.max_seq_len,  # one full-length sequence
+        "kv_cache_bytes_per_sequence_bf16": kv_bf16 * seq_len,  # one sequence of seq_len tokens
     }
