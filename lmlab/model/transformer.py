@@ -62,6 +62,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = Norm.from_config(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._rope_tables: dict = {}  # (device, dtype) -> (cos, sin) for positions [0, n): see _rope
         self.init_weights()
 
     # --- initialization --------------------------------------------------------------------
@@ -133,9 +134,9 @@ class Transformer(nn.Module):
         else:
             key_valid = None if valid is None or bool(valid.all()) else valid
             n_before = torch.zeros(B, dtype=torch.long, device=ids.device)
+        bound_known = positions is None  # positions never exceed slots: start + T bounds them
         if cfg.position == "learned":
-            # positions never exceed slots, so the slot count bounds them without a device sync
-            last = start + T - 1 if positions is None else int(positions.max())
+            last = start + T - 1 if bound_known else int(positions.max())
             if last >= cfg.max_seq_len:
                 raise ValueError(
                     f"position {last} is beyond max_seq_len={cfg.max_seq_len} of this model's "
@@ -153,7 +154,9 @@ class Transformer(nn.Module):
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal_embedding(positions, cfg.d_model).to(x.dtype)
 
-        rope = rope_cos_sin(cfg, positions, x.dtype) if cfg.position == "rope" else None
+        rope = None
+        if cfg.position == "rope":
+            rope = self._rope(positions, start + T if bound_known else int(positions.max()) + 1, x.dtype)
         n_k = start + T
         alibi = None
         if cfg.position == "alibi":
@@ -175,6 +178,22 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
+
+    def _rope(self, positions: torch.Tensor, bound: int, dtype: torch.dtype):
+        """cos/sin for `positions` (all < bound), looked up in a table computed once per device
+        and dtype and grown on demand: one gather per step instead of recomputing the angles.
+        Dynamic NTK depends on the length, so it is computed afresh each call."""
+        cfg = self.cfg
+        if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "dynamic":
+            return rope_cos_sin(cfg, positions, dtype)
+        key = (positions.device, dtype)
+        table = self._rope_tables.get(key)
+        if table is None or table[0].shape[0] < bound:
+            n = 256 * -(-bound // 256)
+            cos, sin = rope_cos_sin(cfg, torch.arange(n, device=positions.device)[None], dtype)
+            table = self._rope_tables[key] = (cos[0, 0], sin[0, 0])
+        cos, sin = table
+        return cos[positions][:, None], sin[positions][:, None]
 
     @staticmethod
     def _positions(n_before, valid, B, T, device):
