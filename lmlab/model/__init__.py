@@ -31,7 +31,6 @@ from .counting import (  # noqa: E402
     matmul_params,
     summary,
 )
-
 from .hub import SUPPORTED_MODEL_TYPES, hf_config_to_lmlab, load_hf, save_hf  # noqa: E402
 from .loading import load, read_any_config  # noqa: E402
 

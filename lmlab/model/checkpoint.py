@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .transformer import Transformer
@@ -542,7 +543,8 @@ def load_checkpoint(
         with safe_open(file, framework="pt", device="cpu") as f:
             _check_structure(f, file, expected)
             crcs = _checksums(f, file) if verify else {}
-            for name in expected:
+            for name in tqdm(expected, desc=f"loading {path.name}", unit="tensor", leave=False,
+                             disable=None):  # a bar on a terminal, silent in logs and tests
                 t = f.get_tensor(name)
                 if verify:
                     if name not in crcs:

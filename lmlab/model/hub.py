@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .checkpoint import atomic_directory
 from .config import ModelConfig, RopeScaling
@@ -882,7 +883,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu",
     model = build_model(cfg, device, dtype, init=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for link in links:
+        for link in tqdm(links, desc=f"loading {path.name}", unit="tensor", leave=False, disable=None):
             parts = _split(link, ckpt.get(link.hf), [shapes[n] for n in link.lmlab])
             for name, part in zip(link.lmlab, parts, strict=True):
                 params[name].copy_(part)
@@ -906,19 +907,11 @@ def save_hf(model: Transformer, out_dir: str | Path, *, model_type: str | None =
     hf_cfg = lmlab_config_to_hf(cfg, model_type)
     family = FAMILIES[hf_cfg["model_type"]]
     params = dict(model.named_parameters())
-    dtype = params["embed.weight"].dtype
-    hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
-    tensors = {
-        link.hf: _fuse(link, [params[n].detach().cpu() for n in link.lmlab])
-        for link in _links(family, params, cfg.n_layers)
-    }
-    out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} exists and is not empty; choose another directory or pass overwrite=True"
-        )
-    extra = [Path(f) for f in extra_files]
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    hf_cfg["dtype"] = str(params["embed.weight"].dtype).removeprefix("torch.")
+    links = _links(family, params, cfg.n_layers)
+    out_dir, extra = Path(out_dir), [Path(f) for f in extra_files]
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:  # refuses a non-empty out_dir first
+        tensors = {link.hf: _fuse(link, [params[n].detach().cpu() for n in link.lmlab]) for link in links}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         for src in extra:
