@@ -223,7 +223,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
     With init=False the weights are left uninitialized, for a caller that loads them next."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast while on meta: memory is allocated once
     if init:
         model.init_weights()
     return model

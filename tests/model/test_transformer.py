@@ -272,6 +272,22 @@ def test_init_weights():
     assert all(not p.is_meta for p in model.parameters())
 
 
+def test_build_model_materializes_in_the_target_dtype(monkeypatch):
+    """Weights are allocated once, already in the requested dtype: a bf16 model must never pass
+    through a float32 copy (for a 7B model on a GPU, 28 GB before the cast)."""
+    materialized = []
+    real = torch.nn.Module.to_empty
+
+    def spy(self, *args, **kwargs):
+        materialized.extend(p.dtype for p in self.parameters())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
+    model = build_model(ModelConfig(**BASE), dtype=torch.bfloat16, init=False)
+    assert materialized and set(materialized) == {torch.bfloat16}
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
+
+
 def test_bf16_forward_and_cache_dtype():
     model = make("llama_gqa").to(torch.bfloat16)
     ids = ids_for(model)
