@@ -1,15 +1,8 @@
-"""lmlab.model: the configurable transformer, its cache, and checkpoint conversion."""
+"""lmlab.model: the configurable transformer, its KV cache, checkpoints (lmlab's own and Hugging
+Face's), and counts of parameters, FLOPs and cache bytes. Imports nothing else from lmlab."""
 
 from .cache import KVCache
-from .config import ModelConfig, RopeScaling
-from .transformer import IGNORE_INDEX, ModelOutput, Transformer, build_model
-
-__all__ = [
-    "IGNORE_INDEX", "KVCache", "ModelConfig", "ModelOutput", "RopeScaling", "Transformer", "build_model",
-]
-
-# lmlab's checkpoint directory format and config-only counts
-from .checkpoint import (  # noqa: E402
+from .checkpoint import (
     CheckpointConfigError,
     CheckpointCorruptError,
     CheckpointError,
@@ -23,7 +16,8 @@ from .checkpoint import (  # noqa: E402
     save_checkpoint,
     write_checkpoint_files,
 )
-from .counting import (  # noqa: E402
+from .config import ModelConfig, RopeScaling
+from .counting import (
     count_params,
     flops_per_token,
     forward_flops_per_token,
@@ -31,14 +25,16 @@ from .counting import (  # noqa: E402
     matmul_params,
     summary,
 )
-from .hub import SUPPORTED_MODEL_TYPES, hf_config_to_lmlab, load_hf, save_hf  # noqa: E402
-from .loading import load, read_any_config  # noqa: E402
+from .hub import SUPPORTED_MODEL_TYPES, hf_config_to_lmlab, load_hf, save_hf
+from .loading import load, read_any_config
+from .transformer import IGNORE_INDEX, ModelOutput, Transformer, build_model
 
-__all__ += [
-    "SUPPORTED_MODEL_TYPES", "hf_config_to_lmlab", "load_hf", "save_hf", "load", "read_any_config",
-    "CheckpointConfigError", "CheckpointCorruptError", "CheckpointError",
-    "CheckpointMismatchError", "CheckpointNotFoundError", "atomic_directory", "is_checkpoint",
-    "load_checkpoint", "read_config", "read_metadata", "save_checkpoint", "write_checkpoint_files",
+__all__ = [
+    "IGNORE_INDEX", "KVCache", "ModelConfig", "ModelOutput", "RopeScaling", "Transformer", "build_model",
+    "CheckpointConfigError", "CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError",
+    "CheckpointNotFoundError", "atomic_directory", "is_checkpoint", "load_checkpoint", "read_config",
+    "read_metadata", "save_checkpoint", "write_checkpoint_files",
     "count_params", "flops_per_token", "forward_flops_per_token", "kv_cache_bytes_per_token",
     "matmul_params", "summary",
+    "SUPPORTED_MODEL_TYPES", "hf_config_to_lmlab", "load_hf", "save_hf", "load", "read_any_config",
 ]
