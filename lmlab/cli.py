@@ -44,8 +44,6 @@ def _dtype(name: str, device: str):
 # --- generate ------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from lmlab.infer.generate import generate, stream
     from lmlab.infer.sampling import SamplingParams
     from lmlab.model import load
@@ -84,7 +82,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stop and decode is None:
         raise UsageError("--stop needs a tokenizer to decode text; use --stop-id with --ids")
 
-    torch.manual_seed(args.seed if args.seed is not None else 0)
     if not args.no_stream and decode is not None:
         if args.echo:
             print(args.prompt, end="", flush=True)

@@ -96,6 +96,13 @@ def test_seeded_sampling_is_reproducible(hf_dir, capsys):
         assert run(*args) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[0].strip()
+    # without --seed, runs draw fresh randomness (two 12-token samples from ~300 tokens agree
+    # by chance with negligible probability)
+    unseeded = [a for a in args if a not in ("--seed", "7")]
+    for _ in range(2):
+        assert run(*unseeded) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[2] != outs[3]
 
 
 def test_generate_with_ids_on_a_checkpoint_without_tokenizer(hf_dir, tmp_path, capsys):
