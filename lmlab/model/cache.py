@@ -58,12 +58,3 @@ class KVCache:
         """Mark n more slots as used, after every layer has written them."""
         self.n_tokens += self.valid[:, self.length : self.length + n].sum(dim=1)
         self.length += n
-
-    def reset(self) -> None:
-        self.valid.zero_()
-        self.n_tokens.zero_()
-        self.length = 0
-        self.has_padding = False
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)

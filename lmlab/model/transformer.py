@@ -208,14 +208,6 @@ class Transformer(nn.Module):
         p = next(self.parameters())
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
-    def num_params(self, embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if not embeddings:
-            n -= self.embed.weight.numel()
-            if self.pos_embed is not None:
-                n -= self.pos_embed.weight.numel()
-        return n
-
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 init: bool = True) -> Transformer:
