@@ -140,6 +140,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tokenizer -----------------------------------------------------------------------------
+# `lmlab tokenizer train|encode|...`: parsers and commands for lmlab.tokenizer.
+
+
+def add_tokenizer_commands(tsub) -> None:
+    """Register the `lmlab tokenizer ...` subcommands on `tsub` (an argparse subparsers object)."""
+
+
+# --- data: prepare ---------------------------------------------------------------------------
+# `lmlab data prepare`: cleaning, filtering, dedup, then token shards (lmlab.data.prepare).
+
+
+def add_data_prepare_command(dsub) -> None:
+    """Register `lmlab data prepare`."""
+
+
+# --- data: sources, synthetic corpus, contamination ----------------------------------------------
+# `lmlab data list|download|synth|contamination` (lmlab.data.sources, .synthetic, .contamination).
+
+
+def add_data_registry_commands(dsub) -> None:
+    """Register `lmlab data list`, `download`, `synth` and `contamination`."""
+
+
+# --- data: token shards ----------------------------------------------------------------------
+# `lmlab data tokenize|inspect` over token shards (lmlab.data.shards).
+
+
+def add_data_shards_commands(dsub) -> None:
+    """Register `lmlab data tokenize` (text files -> token shards) and `lmlab data inspect`."""
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context length for the attention FLOPs (default: max_seq_len)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("tokenizer", help="train, inspect and use tokenizers",
+                       description="Train a byte-level BPE tokenizer, encode and decode text, inspect a tokenizer.")
+    add_tokenizer_commands(t.add_subparsers(dest="tokenizer_command", metavar="<command>", required=True))
+
+    d = sub.add_parser("data", help="datasets, corpus preparation, token shards, the synthetic corpus",
+                       description="Name or fetch datasets, clean and deduplicate a corpus, write token "
+                                   "shards, generate the built-in synthetic corpus, check contamination.")
+    dsub = d.add_subparsers(dest="data_command", metavar="<command>", required=True)
+    add_data_registry_commands(dsub)
+    add_data_prepare_command(dsub)
+    add_data_shards_commands(dsub)
     return parser
 
 
