@@ -28,19 +28,11 @@ Training code that adds its own files writes them in the same transaction:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import json
-import os
 import shutil
 import struct
-import sys
-import tempfile
-import uuid
-import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_directory
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -104,7 +97,6 @@ class CheckpointMismatchError(CheckpointError):
     not of a floating dtype."""
 
 
-# --- atomic directory -----------------------------------------------------------------------
 def is_checkpoint(path: str | Path) -> bool:
     """True when `path` is a directory whose config.json marks it as an lmlab checkpoint."""
     config = Path(path) / CONFIG_FILE
@@ -113,145 +105,6 @@ def is_checkpoint(path: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and VERSION_KEY in d
-
-
-def _check_replaceable(target: Path, overwrite: bool) -> None:
-    if not os.path.lexists(target) or overwrite:
-        return
-    if target.is_dir() and not target.is_symlink():
-        if not any(target.iterdir()):
-            return
-        if is_checkpoint(target):
-            raise FileExistsError(
-                f"{target} already holds an lmlab checkpoint; refusing to replace it. Choose another "
-                "path, or pass overwrite=True (--overwrite on the command line) to replace it"
-            )
-        raise FileExistsError(
-            f"{target} exists, is not empty and is not an lmlab checkpoint (no {CONFIG_FILE} with "
-            f"{VERSION_KEY!r}); refusing to replace it. Choose another path, or pass "
-            "overwrite=True to replace it and everything in it"
-        )
-    kind = "a symbolic link" if target.is_symlink() else "not a directory"
-    raise FileExistsError(
-        f"{target} exists and is {kind}; refusing to replace it. Choose another path, or pass "
-        "overwrite=True to replace it"
-    )
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under `root`, then the directories, so the rename publishes data that is
-    on disk (without this a power loss right after the rename can leave empty files)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes a rename durable on POSIX; Windows cannot open directories for it.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths with Linux renameat2(RENAME_EXCHANGE), so the target
-    path never stops existing. False when this system or filesystem cannot do it."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):  # no glibc >= 2.28 (e.g. musl)
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
-    ]
-    renameat2.restype = ctypes.c_int
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def _replace(new: Path, target: Path) -> None:
-    """Put the directory `new` at `target`, replacing whatever is there."""
-    if not os.path.lexists(target):
-        os.rename(new, target)
-        return
-    if _exchange(new, target):
-        old = new  # after the swap the old contents live under the temporary name
-    else:
-        # Two renames: the target is missing for an instant. A crash exactly then leaves the old
-        # checkpoint intact under the `.<name>.old-*` sibling, from where it can be renamed back.
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-    _fsync_dir(target.parent)
-    try:
-        _remove(old)
-    except OSError as e:  # the new checkpoint is in place; only cleanup failed
-        warnings.warn(
-            f"replaced {target}, but could not delete the old copy at {old}: {e}", stacklevel=3
-        )
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory next to `path`; when the block succeeds, fsync what was
-    written there and rename it to `path`, so readers see either the old directory or the new
-    one, never a half-written one.
-
-    An empty directory at `path` is replaced; anything else that exists there (an lmlab
-    checkpoint included) is refused with FileExistsError unless overwrite=True, so a mistyped
-    output path never destroys a checkpoint. Replacing is done on Linux by an atomic exchange,
-    elsewhere by moving the old directory aside, renaming the new one in, then deleting the old.
-    If the block raises, the temporary directory is deleted and `path` is left
-    untouched. The temporary directory is a hidden sibling (`.<name>.tmp-*`) because a rename is
-    only atomic within one filesystem; a process killed mid-write can leave one behind, which is
-    safe to delete.
-    """
-    target = Path(path).absolute()
-    _check_replaceable(target, overwrite)  # fail before any work is done
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        _check_replaceable(target, overwrite)  # again: something may have appeared meanwhile
-        _replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- save -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lmlab import atomic
 from lmlab.model import ModelConfig, RopeScaling, build_model
 from lmlab.model import checkpoint as ckpt
 from lmlab.model.checkpoint import (
@@ -220,10 +221,10 @@ def test_failure_on_a_fresh_path_leaves_nothing(tmp_path: Path, monkeypatch):
 def test_overwrite_replaces(saved, monkeypatch, exchange: bool):
     _, path = saved
     if not exchange:
-        monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     (path / "stale.txt").write_text("from the old checkpoint")
     other = tiny_model(seed=1)
-    with pytest.raises(FileExistsError, match="already holds an lmlab checkpoint.*overwrite=True"):
+    with pytest.raises(FileExistsError, match="exists and is not empty.*overwrite=True"):
         save_checkpoint(other, path)  # never replaced by accident
     assert not torch.equal(load_checkpoint(path).embed.weight, other.embed.weight)
     save_checkpoint(other, path, overwrite=True)  # replaced as a whole
@@ -236,7 +237,7 @@ def test_overwrite_replaces(saved, monkeypatch, exchange: bool):
 def test_failed_swap_restores_the_old_checkpoint(saved, monkeypatch):
     _, path = saved
     before = tree_bytes(path)
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     real_rename, calls = os.rename, []
 
     def flaky_rename(src, dst):
@@ -245,7 +246,7 @@ def test_failed_swap_restores_the_old_checkpoint(saved, monkeypatch):
             raise OSError("rename failed")
         real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "rename", flaky_rename)
+    monkeypatch.setattr(atomic.os, "rename", flaky_rename)
     with pytest.raises(OSError, match="rename failed"):
         save_checkpoint(tiny_model(seed=1), path, overwrite=True)
     monkeypatch.undo()
@@ -257,7 +258,7 @@ def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path: Path):
     target = tmp_path / "precious"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not an lmlab checkpoint.*overwrite=True"):
+    with pytest.raises(FileExistsError, match="exists and is not empty.*overwrite=True"):
         save_checkpoint(tiny_model(), target)
     assert (target / "notes.txt").read_text() == "keep me"
     assert leftovers(tmp_path) == []
@@ -490,3 +491,18 @@ def test_unknown_and_invalid_config_fields(saved):
         json.dumps({**good, "rope_scaling": {"kind": "yarn", "bogus": 1}})
     )
     expect(CheckpointConfigError, path, CONFIG_FILE, "bogus")
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path: Path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic.atomic_file(target) as f:
+        f.write(b"half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"old"
+    with atomic.atomic_file(target) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new"
+    with pytest.raises(FileExistsError), atomic.atomic_file(target, overwrite=False):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
