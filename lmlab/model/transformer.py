@@ -101,7 +101,10 @@ class Transformer(nn.Module):
 
         cache: a KVCache to read earlier keys/values from and append these to.
         positions: (B, T) token positions; by default counted from the cache and the mask.
-        attention_mask: (B, T), 1 for real tokens and 0 for (left) padding.
+        attention_mask: (B, T), 1 for real tokens and 0 for (left) padding; or a boolean
+            (B, 1, T, T), True where query t may attend key s, for packed training sequences
+            whose documents must not see each other (it is AND-ed with the causal and sliding
+            window masks; pass `positions` that restart at each document).
         """
         h = self.hidden_states(ids, cache, positions, attention_mask)
         logits = self.logits(h)
@@ -126,6 +129,15 @@ class Transformer(nn.Module):
         cfg = self.cfg
         B, T = ids.shape
         start = cache.length if cache is not None else 0
+        pair_mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if cache is not None:
+                raise ValueError("a (B, 1, T, T) attention mask is for packed training sequences and cannot be "
+                                 "combined with a KV cache; pass a (B, T) padding mask instead")
+            if attention_mask.shape[-2:] != (T, T) or attention_mask.shape[1] != 1:
+                raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not fit ids of "
+                                 f"shape {(B, T)}: expected (B, T) or (B, 1, T, T)")
+            pair_mask, attention_mask = attention_mask.to(torch.bool), None
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
         if cache is not None:
             cache.reserve(T, valid)
@@ -168,7 +180,9 @@ class Transformer(nn.Module):
             window = cfg.window_of(layer)
             if window not in masks:
                 effective = window if window is not None and window < n_k else None
-                if key_valid is None and effective is None and (start == 0 or T == 1):
+                if pair_mask is not None:
+                    masks[window] = causal_mask(0, T, T, effective, None, ids.device) & pair_mask
+                elif key_valid is None and effective is None and (start == 0 or T == 1):
                     masks[window] = None  # plain causal: let the kernel use its fast path
                 else:
                     masks[window] = causal_mask(start, T, n_k, effective, key_valid, ids.device)

@@ -334,3 +334,17 @@ def test_config_round_trip(tmp_path):
     assert again == cfg and isinstance(again.rope_scaling, RopeScaling)
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         ModelConfig.from_dict({**cfg.to_dict(), "hidden_size": 3})
+
+
+def test_pair_mask_is_checked_and_anded_with_the_sliding_window():
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, sliding_window=3)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    everything = torch.ones(2, 1, 10, 10, dtype=torch.bool)  # causal and window still apply
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=everything).logits, model(ids).logits)
+    with pytest.raises(ValueError, match=r"\(B, T\) or \(B, 1, T, T\)"):
+        model(ids, attention_mask=torch.ones(2, 1, 9, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="KV cache"):
+        model(ids, attention_mask=everything, cache=model.new_cache(2))
