@@ -41,6 +41,18 @@ def _dtype(name: str, device: str):
     return getattr(torch, DTYPES[name])
 
 
+def _tokenizer_from(directory: str):
+    from lmlab.tokenizer import load_tokenizer
+
+    if not Path(directory).is_dir():
+        raise UsageError(f"{directory} is not a directory; give a tokenizer or checkpoint directory")
+    tokenizer = load_tokenizer(directory)
+    if tokenizer is None:
+        raise UsageError(f"{directory} holds no tokenizer (tokenizer.json, tokenizer.model, ...); "
+                         "train one with `lmlab tokenizer train`")
+    return tokenizer
+
+
 # --- generate ------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -63,7 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "or copy the tokenizer files into the checkpoint directory"
         )
     else:
-        prompt = tokenizer.encode(args.prompt)
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=True)  # bos where the tokenizer adds one
     if not prompt:
         raise UsageError("the prompt is empty; give some text with --prompt or ids with --ids")
     stop_ids = list(args.stop_id or [])
@@ -144,32 +156,622 @@ def cmd_info(args: argparse.Namespace) -> int:
 # `lmlab tokenizer train|encode|...`: parsers and commands for lmlab.tokenizer.
 
 
+def _training_texts(paths: list[str], text_field: str, max_bytes: int | None) -> list[str]:
+    """The documents of `paths`, cut so that at most `max_bytes` UTF-8 bytes are read in all."""
+    from lmlab.data.readers import read_documents
+
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise UsageError(f"--input: no such file(s): {', '.join(missing)}")
+    texts, budget = [], max_bytes
+    for text in read_documents(paths, text_fields=(text_field,)):
+        if budget is not None:
+            data = text.encode("utf-8")
+            if len(data) >= budget:  # cut at a character boundary
+                texts.append(data[:budget].decode("utf-8", errors="ignore"))
+                break
+            budget -= len(data)
+        texts.append(text)
+    if not any(t.strip() for t in texts):
+        raise UsageError(f"--input {' '.join(paths)} holds no text to train on")
+    return texts
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import time
+
+    from lmlab.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
+
+    if args.max_bytes is not None and args.max_bytes < 1:
+        raise UsageError(f"--max-bytes must be positive, got {args.max_bytes}")
+    texts = _training_texts(args.input, args.text_field, args.max_bytes)
+    specials = args.special if args.special is not None else list(DEFAULT_SPECIAL_TOKENS)
+    start = time.perf_counter()
+    tokenizer = Tokenizer.train(texts, args.vocab_size, pattern=args.pattern, special_tokens=specials,
+                                min_frequency=args.min_frequency, name=Path(args.out).name,
+                                progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    tokenizer.save(args.out, overwrite=args.overwrite)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(map(len, tokenizer.encode_batch(texts)))
+    n_merges = len(tokenizer.merges or [])
+    print(f"vocab size    {tokenizer.vocab_size:,} (256 bytes + {n_merges:,} merges + {len(specials)} special)")
+    if 256 + n_merges + len(specials) < args.vocab_size:
+        print(f"              stopped early: no pair occurs {args.min_frequency} times (--min-frequency)")
+    print(f"training text {n_bytes:,} bytes -> {n_tokens:,} tokens ({n_bytes / max(n_tokens, 1):.2f} bytes/token)")
+    print(f"time          {seconds:.1f} s")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_tokenizer_encode(args: argparse.Namespace) -> int:
+    tokenizer = _tokenizer_from(args.tokenizer)
+    if args.file is not None:
+        if not Path(args.file).is_file():
+            raise UsageError(f"--file {args.file} not found")
+        text = Path(args.file).read_text(encoding="utf-8")
+    else:
+        text = args.text
+    ids = tokenizer.encode(text, add_special_tokens=args.add_special_tokens,
+                           allowed_special="all" if args.allow_special else ())
+    if args.ids_only:
+        print(" ".join(map(str, ids)))
+        return 0
+    for i in ids:
+        print(f"{i:>8}  {tokenizer.token_bytes(i).decode('utf-8', errors='replace')!r}")
+    n_bytes = len(text.encode("utf-8"))
+    print(f"{len(ids):,} tokens for {n_bytes:,} bytes ({n_bytes / max(len(ids), 1):.2f} bytes/token)")
+    return 0
+
+
+def cmd_tokenizer_decode(args: argparse.Namespace) -> int:
+    tokenizer = _tokenizer_from(args.tokenizer)
+    try:
+        ids = [int(t) for t in args.ids.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"--ids must be integers separated by spaces or commas, got {args.ids!r}") from None
+    print(tokenizer.decode(ids, skip_special_tokens=args.skip_special_tokens))
+    return 0
+
+
+def cmd_tokenizer_info(args: argparse.Namespace) -> int:
+    tokenizer = _tokenizer_from(args.directory)
+    kind = type(tokenizer).__name__
+    if hasattr(tokenizer, "uses_tiktoken"):
+        kind += " (byte-level BPE, " + ("tiktoken encoder)" if tokenizer.uses_tiktoken else "merge-list encoder)")
+    specials = getattr(tokenizer, "special_tokens", {})
+    rows = [("kind", kind), ("vocab size", f"{tokenizer.vocab_size:,}"), ("special tokens", f"{len(specials):,}")]
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{role}_id", None)
+        rows.append((role, "-" if token_id is None else f"{tokenizer.id_to_token(token_id)} ({token_id})"))
+    rows.append(("eos ids", " ".join(map(str, tokenizer.eos_ids)) or "-"))
+    for attr in ("pattern", "normalization"):
+        if getattr(tokenizer, attr, None):
+            rows.append((attr, getattr(tokenizer, attr)))
+    rows.append(("chat template", "yes" if getattr(tokenizer, "chat_template", None) else "no (lmlab's default)"))
+    if getattr(tokenizer, "merge_list_problem", None):
+        rows.append(("why merge-list", tokenizer.merge_list_problem))
+    if args.sample is not None:
+        if not Path(args.sample).is_file():
+            raise UsageError(f"--sample {args.sample} not found")
+        text = Path(args.sample).read_text(encoding="utf-8")
+        n_tokens = len(tokenizer.encode(text))
+        rows.append(("bytes/token", f"{len(text.encode('utf-8')) / max(n_tokens, 1):.3f} on {args.sample}"))
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    shown = sorted(specials.items(), key=lambda kv: kv[1])
+    if shown:
+        print("\nspecial tokens:")
+        for text, token_id in shown[: args.max_specials]:
+            print(f"  {token_id:>8}  {text}")
+        if len(shown) > args.max_specials:
+            print(f"  ... and {len(shown) - args.max_specials:,} more (--max-specials)")
+    return 0
+
+
+def cmd_tokenizer_chat(args: argparse.Namespace) -> int:
+    from lmlab.tokenizer.chat import render_chat, render_chat_text
+
+    tok = _tokenizer_from(args.tokenizer)
+
+    def read_json(path: str, flag: str):
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"{flag} {path}: {e}") from None
+
+    messages = read_json(args.messages, "--messages")
+    if isinstance(messages, dict) and "messages" in messages:  # an OpenAI-style request body
+        messages = messages["messages"]
+    tools = read_json(args.tools, "--tools") if args.tools else None
+    template = Path(args.template).read_text(encoding="utf-8") if args.template else None
+    options = dict(add_generation_prompt=args.add_generation_prompt, tools=tools, template=template)
+    text = render_chat_text(tok, messages, **options)
+    ids, mask = render_chat(tok, messages, **options)
+    print(text)
+    print(f"\n{len(ids)} tokens, {sum(mask)} in the loss mask")
+    if not args.text_only:
+        for i, m in zip(ids, mask, strict=True):
+            print(f"{i:>8}  {m}  {tok.token_bytes(i).decode('utf-8', 'backslashreplace')!r}")
+    return 0
+
+
 def add_tokenizer_commands(tsub) -> None:
     """Register the `lmlab tokenizer ...` subcommands on `tsub` (an argparse subparsers object)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    t = tsub.add_parser(
+        "train", formatter_class=fmt, help="train a byte-level BPE tokenizer on text files",
+        description="Train a byte-level BPE tokenizer (Sennrich et al. 2016 on UTF-8 bytes, as GPT-2): text "
+                    "is split into pre-tokens by a regex, then the most frequent adjacent pair is merged "
+                    "repeatedly until --vocab-size tokens (256 bytes + merges + special tokens). Writes "
+                    "tokenizer.json + tokenizer_config.json (loadable by transformers' AutoTokenizer) to --out, "
+                    "atomically, and prints the vocabulary size, compression and time.",
+    )
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="training text: .txt or .jsonl files (.gz too) or directories of them")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in all, special tokens included")
+    t.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    t.add_argument("--pattern", default="gpt4",
+                   help="pre-tokenization regex: gpt2, gpt4 (cl100k-style) or a regular expression")
+    t.add_argument("--special", nargs="*", metavar="TOKEN",
+                   help="special tokens, appended after the merges (default: lmlab's <|bos|> <|eos|> <|pad|> "
+                        "<|system|> <|user|> <|assistant|> <|tool|> <|end|>; --special with no token: none)")
+    t.add_argument("--min-frequency", type=int, default=2, help="stop when the most frequent pair is rarer than this")
+    t.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of --input")
+    t.add_argument("--text-field", default="text", help="the text field of .jsonl records")
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    e = tsub.add_parser(
+        "encode", formatter_class=fmt, help="text -> token ids",
+        description="Encode text with a tokenizer directory (lmlab, Hugging Face tokenizer.json, sentencepiece "
+                    "or tiktoken files, or a checkpoint holding them) and print each token with its id, or the "
+                    "ids alone. Special-token text is plain text unless --allow-special.",
+    )
+    e.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer or checkpoint directory")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="text to encode")
+    src.add_argument("--file", help="UTF-8 file to encode")
+    e.add_argument("--ids-only", action="store_true", help="print only the ids, space-separated")
+    e.add_argument("--allow-special", action="store_true", help="special-token text in the input becomes its id")
+    e.add_argument("--add-special-tokens", action="store_true", help="add bos/eos as the tokenizer's template says")
+    e.set_defaults(func=cmd_tokenizer_encode)
+
+    d = tsub.add_parser("decode", formatter_class=fmt, help="token ids -> text",
+                        description="Decode token ids with a tokenizer directory and print the text.")
+    d.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer or checkpoint directory")
+    d.add_argument("--ids", required=True, help="token ids, e.g. '1 2 3' or '1,2,3'")
+    d.add_argument("--skip-special-tokens", action="store_true", help="leave special tokens out of the text")
+    d.set_defaults(func=cmd_tokenizer_decode)
+
+    i = tsub.add_parser("info", formatter_class=fmt, help="what a tokenizer is: kind, vocabulary, special tokens",
+                        description="Describe a tokenizer directory: its kind and encoder, vocabulary size, special "
+                                    "tokens and their roles, pre-tokenization pattern, and the compression "
+                                    "(UTF-8 bytes per token) on --sample when given.")
+    i.add_argument("directory", metavar="DIR", help="tokenizer or checkpoint directory")
+    i.add_argument("--sample", metavar="FILE", help="UTF-8 text file to measure bytes per token on")
+    i.add_argument("--max-specials", type=int, default=32, help="list at most this many special tokens")
+    i.set_defaults(func=cmd_tokenizer_info)
+
+    c = tsub.add_parser(
+        "chat", formatter_class=fmt, help="render a conversation: text, token ids, loss mask",
+        description="Render a conversation (a JSON list of OpenAI-style messages with role system / user / "
+                    "assistant / tool and content, or a request body holding \"messages\") with the tokenizer's "
+                    "chat template (lmlab's own when it has none), and print the text, then each token's id, "
+                    "loss-mask bit (1 = trained: the assistant's turns and their end-of-turn token) and text.",
+    )
+    c.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer or checkpoint directory")
+    c.add_argument("--messages", required=True, metavar="FILE", help="JSON file: the messages")
+    c.add_argument("--tools", metavar="FILE", help="JSON file: a list of tool schemas shown to the model")
+    c.add_argument("--template", metavar="FILE", help="a Jinja chat template to use instead of the tokenizer's")
+    c.add_argument("--add-generation-prompt", action="store_true", help="end with the assistant's turn header")
+    c.add_argument("--text-only", action="store_true", help="print the rendered text only")
+    c.set_defaults(func=cmd_tokenizer_chat)
 
 
 # --- data: prepare ---------------------------------------------------------------------------
 # `lmlab data prepare`: cleaning, filtering, dedup, then token shards (lmlab.data.prepare).
 
 
+def _prepare_config(args: argparse.Namespace):
+    from lmlab.data.dedup import MinHashConfig
+    from lmlab.data.filters import (
+        BlocklistConfig,
+        C4Config,
+        LangIdConfig,
+        NormalizeConfig,
+        PIIConfig,
+        QualityConfig,
+    )
+    from lmlab.data.prepare import PrepareConfig, apply_overrides
+
+    if args.no_quality and (args.quality or args.c4):
+        raise UsageError("--quality/--c4 tune the quality stage, which --no-quality switches off")
+    if args.no_blocklist and args.blocklist:
+        raise UsageError("--blocklist adds terms to the blocklist stage, which --no-blocklist switches off")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    quality = None
+    if not args.no_quality:
+        quality = apply_overrides(QualityConfig(c4=C4Config() if args.c4 else None), args.quality or [])
+    near = None
+    if not (args.no_dedup or args.no_near_dedup):
+        near = MinHashConfig(threshold=args.near_dup_threshold, num_perm=args.num_perm, shingle=args.shingle,
+                             ngram=args.ngram, verify=not args.no_verify)
+    return PrepareConfig(
+        normalize=None if args.no_normalize else NormalizeConfig(form=args.normalization),
+        langid=None if args.no_langid else LangIdConfig(languages=tuple(args.languages),
+                                                        min_probability=args.lang_threshold),
+        quality=quality,
+        blocklist=None if args.no_blocklist else BlocklistConfig(files=tuple(args.blocklist or ())),
+        pii=None if args.no_pii else PIIConfig(),
+        exact_dedup=not args.no_dedup,
+        near_dedup=near,
+        workers=args.workers,
+    )
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from lmlab.data.prepare import Sources, format_summary, prepare
+
+    config = _prepare_config(args)
+    config.validate()  # bad thresholds fail before any file is opened
+    tokenizer = _tokenizer_from(args.tokenizer) if args.tokenizer else None
+    sources = Sources(args.source, split=args.split, text_fields=args.text_field or ["text"], split_on=args.split_on)
+    report = prepare(sources, args.out, config, tokenizer, val_fraction=args.val_fraction,
+                     shard_tokens=args.shard_tokens, seed=args.seed, keep_text=args.keep_text,
+                     overwrite=args.overwrite, progress=not args.no_progress)
+    print(format_summary(report))
+    print(f"wrote {args.out} (report.json, report.md)")
+    return 0
+
+
 def add_data_prepare_command(dsub) -> None:
     """Register `lmlab data prepare`."""
+    import os
+
+    p = dsub.add_parser(
+        "prepare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="clean, filter and deduplicate a corpus, then write token shards",
+        description="Turn raw text into a pretraining corpus. Stages, in order, each optional and each "
+                    "reporting what it removed or changed: Unicode normalization and whitespace cleanup; "
+                    "language identification (langdetect, seeded); Gopher quality and repetition rules "
+                    "(Rae et al. 2021) with optional C4 rules (Raffel et al. 2020); a blocklist of words; "
+                    "PII scrubbing (e-mails, phone numbers, IP addresses -> placeholders); exact dedup; "
+                    "near-duplicate removal (MinHash LSH). Then, with --tokenizer, tokenization into "
+                    "train/val token shards; without it the cleaned documents are written to "
+                    "documents.jsonl. --out also receives report.json and report.md (counts per stage "
+                    "and reason, with examples). Sources: .txt, .jsonl, .parquet files (.gz too), "
+                    "directories of them, or dataset names from the registry. Written to a temporary "
+                    "directory and renamed into place.",
+    )
+    p.add_argument("--source", nargs="+", required=True, metavar="NAME|PATH",
+                   help="files, directories or registry dataset names")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer (or checkpoint) directory; without it, write documents.jsonl instead of shards")
+    p.add_argument("--split", default="train", help="split of registry datasets")
+    p.add_argument("--text-field", action="append", default=None,
+                   help="JSON field / parquet column holding the text (repeat to join several; default: text)")
+    p.add_argument("--split-on", default="file",
+                   help=".txt files: one document per 'file', 'lines' or 'blank-lines', or a regex matching "
+                        "separator lines (e.g. '<\\|endoftext\\|>')")
+    g = p.add_argument_group("normalization")
+    g.add_argument("--normalization", default="NFC", choices=["NFC", "NFKC", "none"], help="Unicode normal form")
+    g.add_argument("--no-normalize", action="store_true", help="skip normalization and whitespace cleanup")
+    g = p.add_argument_group("language identification")
+    g.add_argument("--languages", nargs="+", default=["en"], metavar="CODE", help="languages to keep")
+    g.add_argument("--lang-threshold", type=float, default=0.5, help="minimum probability of the top language")
+    g.add_argument("--no-langid", action="store_true", help="skip language identification")
+    g = p.add_argument_group("quality")
+    g.add_argument("--quality", action="append", metavar="KEY=VALUE",
+                   help="change a quality threshold (repeatable), e.g. min_words=20 or c4.min_sentences=3; "
+                        "see docs/data.md for the keys")
+    g.add_argument("--c4", action="store_true", help="also apply the C4 line and page rules")
+    g.add_argument("--no-quality", action="store_true", help="skip the quality rules")
+    g = p.add_argument_group("blocklist and PII")
+    g.add_argument("--blocklist", action="append", metavar="FILE",
+                   help="file of words or phrases to block, one per line (repeatable; added to the built-in list)")
+    g.add_argument("--no-blocklist", action="store_true", help="skip the blocklist")
+    g.add_argument("--no-pii", action="store_true", help="skip PII scrubbing")
+    g = p.add_argument_group("deduplication")
+    g.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
+    g.add_argument("--no-near-dedup", action="store_true", help="skip near-duplicate removal only")
+    g.add_argument("--near-dup-threshold", type=float, default=0.8, help="Jaccard similarity of near-duplicates")
+    g.add_argument("--num-perm", type=int, default=128, help="MinHash signature length")
+    g.add_argument("--shingle", default="word", choices=["word", "char"], help="shingles of words or characters")
+    g.add_argument("--ngram", type=int, default=5, help="shingle length")
+    g.add_argument("--no-verify", action="store_true",
+                   help="join every LSH candidate pair without checking its estimated Jaccard")
+    g = p.add_argument_group("output")
+    g.add_argument("--val-fraction", type=float, default=0.0005, help="expected share of documents in val")
+    g.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard at most (default: 2**24)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    g.add_argument("--keep-text", action="store_true", help="with --tokenizer, also write documents.jsonl")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for cleaning and tokenizing")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
 
 
 # --- data: sources, synthetic corpus, contamination ----------------------------------------------
 # `lmlab data list|download|synth|contamination` (lmlab.data.sources, .synthetic, .contamination).
 
 
+def _dataset_status(source, home: Path) -> tuple[int, int]:
+    """(files present, files registered) of a dataset in the cache."""
+    root = home / source.name
+    return sum((root / f.path).is_file() for f in source.files), len(source.files)
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from lmlab.data.sources import SOURCES, data_home
+
+    home = data_home()
+    if args.json:
+        out = []
+        for s in SOURCES.values():
+            present, total = _dataset_status(s, home)
+            out.append({
+                "name": s.name, "description": s.description, "license": s.license, "homepage": s.homepage,
+                "schema": s.schema, "checksums": s.checksums, "splits": {k: list(v) for k, v in s.splits.items()},
+                "files_present": present,
+                "files": [{"path": f.path, "urls": list(f.urls), "sha256": f.sha256, "size": f.size,
+                           "verified_by": f.verified_by} for f in s.files],
+            })
+        print(json.dumps({"cache": str(home), "datasets": out}, indent=2))
+        return 0
+    print(f"cache: {home} (set LMLAB_DATA to move it)\n")
+    rows = [("name", "splits", "checked by", "local", "license")]
+    for s in SOURCES.values():
+        present, total = _dataset_status(s, home)
+        local = "generated" if s.generate and present == total else f"{present}/{total} files"
+        splits = ", ".join(k for k in s.splits if not k.startswith("eval-"))  # eval-<task>: one per task
+        rows.append((s.name, splits if len(splits) <= 48 else splits[:45] + "...", s.checksums, local, s.license))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
+    if args.verbose:
+        for s in SOURCES.values():
+            print(f"\n{s.name}: {s.description}\n  homepage: {s.homepage}\n  records: {s.schema}")
+    print("\n'size/format only': no published sha256, so those files are checked by size (when known) and "
+          "format; `lmlab data download NAME` fetches a dataset.")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from lmlab.data.sources import get_source, resolve, verify_dataset
+
+    sources = [get_source(name) for name in args.names]  # every name checked before any download
+    for source in sources:
+        if args.split is not None:
+            source.files_for(args.split)
+    for source in sources:
+        root = resolve(source.name, args.split, progress=not args.no_progress)
+        report = [] if source.generate else verify_dataset(source.name, args.split)
+        checks = sorted({status for _, status in report})
+        print(f"{source.name}: {root}" + (f" ({len(report)} files: {', '.join(checks)})" if report else ""))
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from lmlab.data.synthetic import SynthConfig, generate
+
+    try:
+        config = SynthConfig.from_size(args.size, seed=args.seed, n_docs=args.n_docs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    start = time.perf_counter()
+    manifest = generate(args.out, config, overwrite=args.overwrite, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    for rel, info in manifest["files"].items():
+        print(f"{rel:<26} {info['records']:>8,} records  {info['bytes']:>12,} bytes")
+    total = sum(info["bytes"] for info in manifest["files"].values())
+    print(f"wrote {args.out} ({total / 1e6:.1f} MB, seed {config.seed}) in {seconds:.1f} s")
+    return 0
+
+
+def cmd_data_contamination(args: argparse.Namespace) -> int:
+    from lmlab.data.contamination import check_contamination, format_reports
+
+    if args.n < 1 or args.min_words < 1:
+        raise UsageError("--n and --min-words must be at least 1")
+    reports = check_contamination(args.train, args.eval, n=args.n, min_words=args.min_words,
+                                  n_examples=args.examples, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps([r.to_dict(with_overlap=args.per_item) for r in reports], indent=2))
+    else:
+        print(format_reports(reports))
+    return 0
+
+
 def add_data_registry_commands(dsub) -> None:
     """Register `lmlab data list`, `download`, `synth` and `contamination`."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = dsub.add_parser(
+        "list", formatter_class=fmt, help="the registered datasets and what is in the local cache",
+        description="List the dataset registry: each dataset's splits, how its files are verified (sha256, or "
+                    "size and format where no checksum is published), how many of its files are in the cache "
+                    "(LMLAB_DATA, default ~/.cache/lmlab), and its license.",
+    )
+    p.add_argument("--verbose", "-v", action="store_true", help="also print descriptions and record schemas")
+    p.add_argument("--json", action="store_true", help="print everything (URLs, checksums, sizes) as JSON")
+    p.set_defaults(func=cmd_data_list)
+
+    p = dsub.add_parser(
+        "download", formatter_class=fmt, help="download and verify registered datasets",
+        description="Download datasets into the cache (LMLAB_DATA/<name>/...) with a progress bar. An "
+                    "interrupted download resumes from its .part file; a file is renamed into place only once "
+                    "its sha256 (or size and format) checks out. Files already present are verified, not "
+                    "fetched again. Offline, the error names the URLs to fetch by hand and where to put them.",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="dataset names (see `lmlab data list`)")
+    p.add_argument("--split", default=None, help="only the files of this split (default: every file)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_data_download)
+
+    p = dsub.add_parser(
+        "synth", formatter_class=fmt, help="generate the built-in synthetic corpus",
+        description="Write the synthetic corpus, deterministically from --seed: grammar stories, arithmetic "
+                    "with worked solutions, key-value lookup and copying (pretrain/*.txt and .jsonl), chat "
+                    "instructions (sft/), preference pairs with a verifiable winner (preference/), held-out "
+                    "evaluation sets (eval/<task>.jsonl) disjoint from everything else, and manifest.json "
+                    "with counts and sha256s. Sizes: tiny (tests), small (~9 MB of pretraining text, a few "
+                    "seconds), medium (~5x small). The directory is written atomically.",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--seed", type=int, default=0, help="the same seed always gives the same bytes")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--size", choices=["tiny", "small", "medium"], default="small", help="preset size")
+    size.add_argument("--n-docs", type=int, default=None,
+                      help="number of pretraining documents (the other counts follow in proportion)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_synth)
+
+    p = dsub.add_parser(
+        "contamination", formatter_class=fmt, help="n-gram overlap between a training corpus and benchmarks",
+        description="Report, per benchmark, the items that share a word n-gram (default 13, as in GPT-3) with "
+                    "the training data, after lowercasing and turning every non-alphanumeric character into a "
+                    "space. Items shorter than n words are checked whole; items under --min-words are reported "
+                    "as too short. --train takes .txt/.jsonl/.parquet files (optionally .gz), directories of "
+                    "them, or registered datasets NAME[:SPLIT]; token shards are not supported (check the text "
+                    "they were made from). --eval takes registered datasets NAME[:SPLIT] (default split: test, "
+                    "else validation), synthetic-eval, or .jsonl files of {prompt, answer}.",
+    )
+    p.add_argument("--train", nargs="+", required=True, metavar="PATH_OR_NAME", help="training corpus")
+    p.add_argument("--eval", nargs="+", required=True, metavar="NAME",
+                   help="benchmarks, e.g. gsm8k:test mmlu hellaswag arc truthfulqa humaneval synthetic-eval")
+    p.add_argument("--n", type=int, default=13, help="n-gram length in words")
+    p.add_argument("--min-words", type=int, default=8, help="items shorter than this are not checked")
+    p.add_argument("--examples", type=int, default=3, help="examples shown per benchmark")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument("--per-item", action="store_true", help="with --json: include every item's overlap fraction")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_contamination)
 
 
 # --- data: token shards ----------------------------------------------------------------------
 # `lmlab data tokenize|inspect` over token shards (lmlab.data.shards).
 
 
+def cmd_data_tokenize(args: argparse.Namespace) -> int:
+    from lmlab.data.readers import read_documents
+    from lmlab.data.shards import write_shards
+
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    docs = read_documents(args.input, text_fields=args.text_field or ["text"], split_on=args.split_on)
+    tokenizer = _tokenizer_from(args.tokenizer)
+    summary = write_shards(
+        docs, tokenizer, args.out, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+        workers=args.workers, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress,
+        add_bos=args.bos, add_eos=not args.no_eos,
+    )
+    for split in ("train", "val"):
+        s = summary["splits"][split]
+        print(f"{split:<5}  {len(s['shards']):>5} shard(s)  {s['tokens']:>14,} tokens  {s['documents']:>11,} documents")
+    print(f"wrote {args.out} ({summary['dtype']}, vocab_size {summary['vocab_size']:,})")
+    return 0
+
+
+def _separator_text(sep: dict) -> str:
+    parts = [f"bos={sep['bos_id']} before" if sep.get("bos_id") is not None else "",
+             f"eos={sep['eos_id']} after" if sep.get("eos_id") is not None else ""]
+    return " and ".join(p for p in parts if p) + " each document"
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from lmlab.data.shards import TokenShards
+
+    shards = TokenShards(args.dir)
+    if args.json:
+        print(json.dumps(shards.meta, indent=2))
+        return 0
+    meta = shards.meta
+    rows = {
+        "format": f"{meta['format']} v{meta['format_version']}",
+        "dtype": meta["dtype"],
+        "vocab_size": f"{meta['vocab_size']:,}",
+        "tokenizer": meta["tokenizer_fingerprint"],
+        "separator": _separator_text(meta["separator"]),
+        "val split": f"sha256(seed={meta['split']['seed']}, text) / 2^64 < {meta['split']['val_fraction']}",
+    }
+    for split in ("train", "val"):
+        n_tok, n_doc = shards.num_tokens(split), shards.num_documents(split)
+        mean = f", {n_tok / n_doc:,.1f} tokens/document" if n_doc else ""
+        n_shards = len(shards.shards(split))
+        rows[split] = f"{n_shards} shard{'s' * (n_shards != 1)}, {n_tok:,} tokens, {n_doc:,} documents{mean}"
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+
+    split = "train" if shards.num_tokens("train") else "val"
+    sample = [int(t) for t in shards.tokens(split, 0)[:args.sample_tokens]] if shards.num_tokens(split) else []
+    if args.tokenizer is None:
+        print(f"\nfirst {len(sample)} token ids of {split} (pass --tokenizer DIR to decode them):")
+        print(" ".join(map(str, sample)))
+        return 0
+    tokenizer = _tokenizer_from(args.tokenizer)
+    shards.check_tokenizer(tokenizer)
+    print(f"\nfirst {len(sample)} tokens of {split}, decoded:")
+    print(tokenizer.decode(sample))
+    return 0
+
+
 def add_data_shards_commands(dsub) -> None:
     """Register `lmlab data tokenize` (text files -> token shards) and `lmlab data inspect`."""
+    import os
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    t = dsub.add_parser(
+        "tokenize", formatter_class=fmt, help="tokenize text files into train/val token shards",
+        description="Tokenize documents with a pool of worker processes into token shards for "
+                    "pretraining: raw little-endian uint16 arrays (uint32 for vocabularies over 65536 "
+                    "ids) with an index of document starts, split into train and val by a hash of each "
+                    "document's text (so the split is the same for any --workers). Each document is "
+                    "followed by the tokenizer's eos (and/or preceded by bos with --bos). Input: .jsonl "
+                    "(--text-field of each line), .parquet (--text-field column), or .txt (a document per "
+                    "file, per line, per blank-line-separated paragraph or between separator lines: "
+                    "--split-on), each possibly .gz; a directory stands for the files in it. Written to a "
+                    "temporary directory and renamed into place.",
+    )
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=".txt, .jsonl or .parquet files (.gz too), or directories of them")
+    t.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer (or checkpoint) directory")
+    t.add_argument("--out", required=True, metavar="DIR", help="shard directory to write")
+    t.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    t.add_argument("--val-fraction", type=float, default=0.0005, help="expected share of documents in val")
+    t.add_argument("--shard-tokens", type=int, default=2**24, help="tokens per shard at most")
+    t.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    t.add_argument("--text-field", action="append", default=None,
+                   help="JSON field / parquet column holding the text (repeat to join several; default: text)")
+    t.add_argument("--split-on", default="file",
+                   help=".txt files: one document per 'file', 'lines' or 'blank-lines', or a regex "
+                        "matching separator lines")
+    t.add_argument("--bos", action="store_true", help="put bos before every document")
+    t.add_argument("--no-eos", action="store_true", help="do not put eos after every document (needs --bos)")
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_data_tokenize)
+
+    i = dsub.add_parser(
+        "inspect", formatter_class=fmt, help="summarize a token shard directory",
+        description="Print what a token shard directory holds: format, token dtype, tokenizer vocab size "
+                    "and fingerprint, document separator, the train/val rule, and per split the number "
+                    "of shards, tokens and documents; then the first tokens of the train split, decoded "
+                    "when --tokenizer is given (after checking it is the tokenizer the shards were "
+                    "written with).",
+    )
+    i.add_argument("dir", metavar="DIR", help="token shard directory")
+    i.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer directory, to decode the sample")
+    i.add_argument("--sample-tokens", type=int, default=64, help="how many tokens to show")
+    i.add_argument("--json", action="store_true", help="print meta.json instead of a table")
+    i.set_defaults(func=cmd_data_inspect)
 
 
 # --- the parser ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The `lmlab` command end to end: HF checkpoint -> convert -> info -> generate -> export -> HF."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from lmlab.cli import main  # noqa: E402
+from lmlab.cli import build_parser, main  # noqa: E402
 from lmlab.model import load_checkpoint  # noqa: E402
 
 TEXT = ["the cat sat on the mat", "a dog ran in the park", "hello world, hello lmlab"] * 20
@@ -42,11 +43,25 @@ def run(*argv):
     return main([str(a) for a in argv])
 
 
-def test_every_subcommand_has_help():
-    for cmd in ([], ["generate"], ["convert"], ["info"]):
-        out = subprocess.run([sys.executable, "-m", "lmlab", *cmd, "--help"], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        assert "usage: lmlab" in out.stdout and len(out.stdout) > 300
+def _command_paths(parser, prefix=()):
+    """Every command path of the parser tree: (), ("generate",), ("tokenizer", "train"), ..."""
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _command_paths(sub, (*prefix, name))
+
+
+def test_every_subcommand_has_help(capsys):
+    out = subprocess.run([sys.executable, "-m", "lmlab", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: lmlab" in out.stdout, out.stderr
+    paths = list(_command_paths(build_parser()))
+    assert {("tokenizer", "train"), ("data", "prepare"), ("data", "synth"), ("data", "tokenize")} <= set(paths)
+    for cmd in paths:
+        with pytest.raises(SystemExit) as exit:
+            main([*cmd, "--help"])
+        text = capsys.readouterr().out
+        assert exit.value.code == 0 and "usage: lmlab" in text and len(text) > 300, cmd
 
 
 def test_convert_info_generate_export(hf_dir, tmp_path, capsys):

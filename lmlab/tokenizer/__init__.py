@@ -1,15 +1,33 @@
-"""Tokenizers that travel with checkpoints.
+"""Tokenizers: lmlab's byte-level BPE (trainer, reference encoder, fast tiktoken-backed encoder) and
+the tokenizers of other checkpoints (HF tokenizer.json, sentencepiece .model, tiktoken rank files),
+and chat templates with loss masks.
 
-For now this loads the Hugging Face `tokenizer.json` that sits in a checkpoint directory, through
-the `tokenizers` library (the `hf` extra), so converted HF checkpoints work end to end. lmlab's
-own BPE trainer and encoder, sentencepiece and tiktoken files, and chat templates come with the
-tokenizer issue and will sit behind the same small interface: encode, decode, eos_ids.
+    from lmlab.tokenizer import Tokenizer, load_tokenizer
+    tok = Tokenizer.train(texts, vocab_size=8192)          # byte-level BPE, lmlab special tokens
+    tok.save("tok")                                         # tokenizer.json + tokenizer_config.json
+    tok = load_tokenizer("tok")                             # any tokenizer directory lmlab reads
+    ids = tok.encode("hello", allowed_special="all"); tok.decode(ids)
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .bpe import (
+    DEFAULT_SPECIAL_TOKENS,
+    GPT2_PATTERN,
+    GPT4_PATTERN,
+    PATTERNS,
+    encode_reference,
+    ranks_from_merges,
+    train_bpe,
+    train_bpe_reference,
+)
+from .chat import LMLAB_CHAT_TEMPLATE, ChatTemplateError, render_chat, render_chat_text
+from .loading import load_tokenizer
+from .sentencepiece import SentencePieceTokenizer
+from .tiktoken_file import load_tiktoken, save_tiktoken
+from .tokenizer import MergeListEncoder, Tokenizer, merge_list_problem, merges_from_ranks
 
 # Files a checkpoint directory may carry for its tokenizer; conversion copies whichever exist.
 TOKENIZER_FILES = (
@@ -17,6 +35,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "chat_template.jinja",
     "generation_config.json",
 )
 
@@ -27,50 +46,27 @@ def tokenizer_files(directory: str | Path) -> list[Path]:
     return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
 
 
-class HFTokenizer:
-    """A `tokenizer.json` (byte-level BPE, sentencepiece-style, ...) with its special tokens."""
-
-    def __init__(self, directory: str | Path):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:
-            raise ImportError(
-                "reading tokenizer.json needs the `tokenizers` package: pip install 'lmlab[hf]'"
-            ) from e
-        directory = Path(directory)
-        self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        self.eos_ids = self._eos_ids(directory)
-
-    def _eos_ids(self, directory: Path) -> list[int]:
-        """End-of-sequence ids: generation_config.json first (it may list several, as Llama 3
-        does), then the eos_token named in tokenizer_config.json."""
-        ids: list[int] = []
-        gen = directory / "generation_config.json"
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids = [eos] if isinstance(eos, int) else list(eos or [])
-        cfg = directory / "tokenizer_config.json"
-        if not ids and cfg.is_file():
-            eos = json.loads(cfg.read_text()).get("eos_token")
-            if isinstance(eos, dict):
-                eos = eos.get("content")
-            if isinstance(eos, str) and self._tok.token_to_id(eos) is not None:
-                ids = [self._tok.token_to_id(eos)]
-        return ids
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-def load_tokenizer(directory: str | Path) -> HFTokenizer | None:
-    """The tokenizer stored in a checkpoint directory, or None when it has none."""
-    if (Path(directory) / "tokenizer.json").is_file():
-        return HFTokenizer(directory)
-    return None
+__all__ = [
+    "DEFAULT_SPECIAL_TOKENS",
+    "LMLAB_CHAT_TEMPLATE",
+    "ChatTemplateError",
+    "SentencePieceTokenizer",
+    "load_tiktoken",
+    "render_chat",
+    "render_chat_text",
+    "save_tiktoken",
+    "GPT2_PATTERN",
+    "GPT4_PATTERN",
+    "PATTERNS",
+    "TOKENIZER_FILES",
+    "MergeListEncoder",
+    "Tokenizer",
+    "encode_reference",
+    "load_tokenizer",
+    "merge_list_problem",
+    "merges_from_ranks",
+    "ranks_from_merges",
+    "tokenizer_files",
+    "train_bpe",
+    "train_bpe_reference",
+]
