@@ -36,6 +36,7 @@ speedrun: install
 
 bench: install
 	$(PY) benchmarks/forward_backward.py
+	$(PY) benchmarks/tokenizer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
