@@ -19,9 +19,9 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 
 import torch
+from common import timed  # benchmarks/common.py: scripts run as `python benchmarks/NAME.py`
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,15 +70,6 @@ def check_equal(hf, ours, args) -> None:
     assert diff < 1e-4, f"models differ (max abs logit diff {diff}); the benchmark would be unfair"
 
 
-def median_time(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
 def training_step(model, ids, is_hf: bool):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
@@ -125,7 +116,7 @@ def compare(name, runs: dict, repeats: int, units: float) -> dict:
     times = {k: [] for k in runs}
     for _ in range(repeats):
         for k, fn in runs.items():
-            times[k] += median_time(fn, 1)
+            times[k] += timed(fn, 1)
     tps = {k: units / statistics.median(v) for k, v in times.items()}
     ratio = tps["lmlab"] / tps["transformers"]
     print(f"{name:<28} lmlab {tps['lmlab']:>9.1f} tok/s   "

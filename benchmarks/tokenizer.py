@@ -24,8 +24,9 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import timed  # benchmarks/common.py: scripts run as `python benchmarks/NAME.py`
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,15 +50,6 @@ def shared_text() -> str:
         sys.exit(f"benchmarks/tokenizer.py: {path} not found. Set LMLAB_SHARED_DATA to the shared data folder "
                  "(the one whose README lists tinyshakespeare).")
     return path.read_text(encoding="utf-8")
-
-
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def alternate(fns: dict, repeats: int) -> dict[str, float]:

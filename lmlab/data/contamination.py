@@ -28,7 +28,6 @@ Why by hand: no maintained library does this check; the code is short and shows 
 from __future__ import annotations
 
 import bisect
-import gzip
 import hashlib
 import json
 import re
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .readers import open_text
 from .synthetic import EVAL_TASKS
 
 NGRAM = 13
@@ -280,17 +280,12 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(v)
 
 
-def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.suffix == ".gz" else open(
-        path, encoding="utf-8", errors="replace")
-
-
 def _feed_file(index: ContaminationIndex, path: Path, bar: tqdm) -> None:
     from .readers import file_format, read_parquet
 
     kind = file_format(path)
     if kind == "txt":  # streamed in blocks of lines; n-grams across blocks are kept
-        with _open(path) as f:
+        with open_text(path) as f:
             block, size, first = [], 0, True
             for line in f:
                 block.append(line)
@@ -302,7 +297,7 @@ def _feed_file(index: ContaminationIndex, path: Path, bar: tqdm) -> None:
             index.feed("".join(block), continues=not first)
             bar.update(size)
     elif kind == "jsonl":  # every string of every record, each its own piece
-        with _open(path) as f:
+        with open_text(path) as f:
             for number, line in enumerate(f, 1):
                 bar.update(len(line))
                 if not line.strip():
@@ -353,7 +348,7 @@ def _jsonl_files(path: Path) -> list[Path]:
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
-    with _open(path) as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:

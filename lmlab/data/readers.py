@@ -97,7 +97,8 @@ def split_lines(lines: Iterable[str], split_on: str) -> Iterator[str]:
         yield "".join(piece).rstrip("\r\n")
 
 
-def _open_text(path: Path) -> IO[str]:
+def open_text(path: Path) -> IO[str]:
+    """A text file, gzip-compressed or not, as UTF-8 (undecodable bytes become U+FFFD)."""
     if path.suffix.lower() == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", errors="replace")
     return open(path, encoding="utf-8", errors="replace")
@@ -121,7 +122,7 @@ def _join_fields(record: dict, fields: Sequence[str], where: str) -> str:
 
 
 def read_jsonl(path: Path, fields: Sequence[str]) -> Iterator[str]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -153,7 +154,7 @@ def read_parquet(path: Path, fields: Sequence[str]) -> Iterator[str]:
 
 
 def read_txt(path: Path, split_on: str = "file") -> Iterator[str]:
-    with _open_text(path) as f:
+    with open_text(path) as f:
         if split_on == "file":
             text = f.read()
             if text.strip():
