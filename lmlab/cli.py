@@ -64,6 +64,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model = load(args.model, device=device, dtype=_dtype(args.dtype, device)).eval()
     tokenizer = load_tokenizer(args.model)
+    if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
+        raise UsageError(
+            f"the tokenizer in {args.model} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{model.cfg.vocab_size}: they do not belong together; copy in the tokenizer the model was trained with"
+        )
     if args.ids is not None:
         prompt = [int(t) for t in args.ids.replace(",", " ").split()]
         bad = [t for t in prompt if not 0 <= t < model.cfg.vocab_size]

@@ -141,6 +141,14 @@ def test_generate_with_an_lmlab_tokenizer(corpus, tmp_path, capsys):
     ref = hf.generate(ids, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=tok.pad_id)
     assert text == hf_tok.decode(ref[0, ids.shape[1] :].tolist())
 
+    other = tmp_path / "other"  # a bigger tokenizer beside a model with fewer embeddings: refused
+    text = (corpus / "shakespeare.txt").read_text(encoding="utf-8")[:50_000]
+    Tokenizer.train([text], 600, progress=False).save(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_bytes((other / name).read_bytes())
+    assert run("generate", "--model", d, "--prompt", "First", "--max-new-tokens", "2") == 1
+    assert "do not belong together" in capsys.readouterr().err
+
 
 def test_chat_shows_text_ids_and_mask(corpus, tmp_path, capsys):
     out = tmp_path / "tok"
