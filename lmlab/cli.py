@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -781,6 +782,62 @@ def add_data_shards_commands(dsub) -> None:
 
 # --- the parser ----------------------------------------------------------------------------
 
+# --- pretrain --------------------------------------------------------------------------------
+
+def _recipe(args: argparse.Namespace):
+    from lmlab.train.config import load_recipe
+
+    try:
+        return load_recipe(args.recipe, args.set or [])
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lmlab.train.pretrain import pretrain
+
+    cfg = _recipe(args)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    result = pretrain(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+        return 0
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}. Continue with the same "
+              "command and --resume.", file=sys.stderr)
+        return 130
+    val = result.eval.get("val_loss")
+    print(f"done: {result.step} steps, {result.tokens:,} tokens"
+          + (f", train loss {result.loss:.4f}" if result.loss is not None else " (nothing left to train)")
+          + (f", val loss {val:.4f}" if val is not None else ""))
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"try it: lmlab generate --model {result.checkpoint} --prompt 'Once upon a time'")
+    return 0
+
+
+def add_train_commands(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser(
+        "pretrain", formatter_class=fmt, help="pretrain a model on token shards (one process or torchrun)",
+        description="Pretrain a transformer by next-token prediction on token shards (`lmlab data tokenize`). "
+                    "A recipe (TOML, see recipes/) sets the model, data, loop, optimizer, schedule and "
+                    "distribution; --set section.field=value overrides any setting (e.g. --set train.lr=6e-4 "
+                    "--set train.steps=2000). Writes checkpoints (keep-last-k), metrics.jsonl and loss.png to "
+                    "train.out_dir. Ctrl-C or SIGTERM saves a checkpoint before exiting; --resume continues "
+                    "exactly from the newest one. Several processes: torchrun --nproc_per_node=N -m lmlab "
+                    "pretrain ... (see docs/distributed.md).",
+    )
+    p.add_argument("--recipe", required=True, help="TOML recipe, e.g. recipes/speedrun.toml")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. train.lr=6e-4 (repeatable; values are TOML)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    p.set_defaults(func=cmd_pretrain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmlab",
@@ -859,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_registry_commands(dsub)
     add_data_prepare_command(dsub)
     add_data_shards_commands(dsub)
+    add_train_commands(sub)
     return parser
 
 
