@@ -50,7 +50,8 @@ def sample_texts(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_t
 
     ids = [tokenizer.encode(p) for p in prompts]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=list(tokenizer.eos_ids))
-    return [p + c.text for p, c in zip(prompts, generate(model, ids, params, decode=tokenizer.decode))]
+    completions = generate(model, ids, params, decode=tokenizer.decode)
+    return [p + c.text for p, c in zip(prompts, completions, strict=True)]
 
 
 def _tokenizer(cfg: TrainConfig):
@@ -62,8 +63,9 @@ def _tokenizer(cfg: TrainConfig):
     if tokenizer is None:
         raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer} holds no tokenizer (tokenizer.json, ...)")
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer in {cfg.data.tokenizer} has {tokenizer.vocab_size:,} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size:,}; leave model.vocab_size unset to take it from the data")
+        raise ValueError(f"the tokenizer in {cfg.data.tokenizer} has {tokenizer.vocab_size:,} tokens but "
+                         f"model.vocab_size is {cfg.model.vocab_size:,}; leave model.vocab_size unset to take it "
+                         "from the data")
     return tokenizer
 
 
