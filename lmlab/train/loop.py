@@ -292,10 +292,12 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
 
             stopping = distributed.any_rank(stop.signum is not None, env)
             final = step == t.steps
+            paused = time.perf_counter()
             if (t.eval_every and step % t.eval_every == 0) or final:
                 last_eval = run_eval(step)
             if (t.save_every and step % t.save_every == 0) or final or stopping:
                 last_ckpt = save(step)
+            window_start += time.perf_counter() - paused  # tokens/s counts training time only
             if stopping:
                 interrupted = True
                 break
