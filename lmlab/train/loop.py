@@ -146,9 +146,23 @@ def _set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
 
 
 def _grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP / TP
+    """Clip the global gradient norm to max_norm (0: no clipping) and return the norm before.
+    Under FSDP every gradient is a DTensor; under tensor parallelism some are DTensors and the
+    replicated ones plain tensors, which torch's clip_grad_norm_ cannot mix: there the two
+    kinds' norms are combined by hand."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    limit = max_norm if max_norm > 0 else math.inf
+    kinds = {hasattr(g, "full_tensor") for g in grads}
+    if len(kinds) < 2:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], limit)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    squares = [torch.linalg.vector_norm(g) ** 2 for g in grads]
+    norm = torch.sqrt(sum(x.full_tensor() if hasattr(x, "full_tensor") else x for x in squares))
+    scale = min(1.0, limit / (float(norm) + 1e-6))
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return norm
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -177,7 +191,12 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
         torch.set_num_threads(t.threads)
 
     state: dict[str, Any] = {}
-    if start is not None and not env.sharded:
+    sharded_start = start is not None and (start / "dcp").is_dir()  # written by FSDP / TP: reshards on load
+    if start is not None and env.sharded and not sharded_start:
+        raise ValueError(f"{start} was written by an unsharded run (single process or DDP); resuming it under "
+                         f"distributed.strategy={env.strategy!r} is not supported. Resume it unsharded, or start a "
+                         "new sharded run from its weights with train.init_from")
+    if start is not None and not sharded_start:
         state = ckpt.load_train_state(start)
         weights = load_checkpoint(start, device=device, dtype=torch.float32).state_dict()
         model.load_state_dict(weights, strict=True)
@@ -190,11 +209,12 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
         plain.compile()  # in place: parameter names (and so checkpoints) stay the same
     optimizer = build_optimizer(plain, dataclasses.replace(cfg.optim, lr=t.lr))
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-    if start is not None and env.sharded:
+    if sharded_start:
         state = distributed.load_sharded(start, plain, optimizer)
     step, tokens = 0, 0
     if start is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if not sharded_start:
+            optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["loader"])
@@ -204,7 +224,7 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
     log = MetricsLog(out_dir, enabled=env.is_main, tensorboard=t.tensorboard)
     if start is not None:
         log.truncate_after(step)
-    tokens_per_step = t.batch_size * cfg.data.seq_len * t.grad_accum * env.world_size
+    tokens_per_step = t.batch_size * cfg.data.seq_len * t.grad_accum * env.dp_size
     flops_per_step = flops_per_token(plain.cfg, cfg.data.seq_len) * tokens_per_step if hasattr(plain, "cfg") else 0
     peak = (t.peak_flops or (peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0))
     peak *= env.world_size

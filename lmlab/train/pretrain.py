@@ -30,8 +30,8 @@ from .objectives import next_token
 def validation_loss(model: nn.Module, cfg: TrainConfig, env: DistEnv, max_batches: int | None = None) -> float:
     """Mean next-token loss over the validation split (its first max_batches batches on each
     process), weighting every token equally across batches and processes."""
-    loader = ValidationLoader(cfg.data.path, "val", cfg.data.seq_len, cfg.train.batch_size, rank=env.rank,
-                              world_size=env.world_size, doc_mask=cfg.data.doc_mask, device=env.device,
+    loader = ValidationLoader(cfg.data.path, "val", cfg.data.seq_len, cfg.train.batch_size, rank=env.dp_rank,
+                              world_size=env.dp_size, doc_mask=cfg.data.doc_mask, device=env.device,
                               max_batches=max_batches)
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
     for batch in loader:
@@ -91,7 +91,7 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         tokenizer = _tokenizer(cfg)
         model = build(cfg, env)
         loader = PackedLoader(cfg.data.path, "train", cfg.data.seq_len, cfg.train.batch_size, seed=cfg.train.seed,
-                              rank=env.rank, world_size=env.world_size, shuffle=cfg.data.shuffle,
+                              rank=env.dp_rank, world_size=env.dp_size, shuffle=cfg.data.shuffle,
                               doc_mask=cfg.data.doc_mask, device=env.device, tokenizer=tokenizer)
 
         def evaluate(m: nn.Module) -> dict[str, Any]:
