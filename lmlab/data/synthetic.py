@@ -733,18 +733,23 @@ def final_answer(answer: str) -> str:
     return text.strip().strip("\"'").rstrip(".").strip()
 
 
-def _arith_truth(task: str, prompt: str) -> int | None:
+def arith_operands(task: str, prompt: str) -> tuple[int, int] | None:
+    """(a, b) of an arithmetic prompt of `task` ("add", "sub", "mul") in any of the corpus's
+    phrasings, such that the answer is a op b; None when the prompt is not one of them."""
     direct, phrase = _ARITH_PATTERNS[task]
     m = phrase.search(prompt)
     if m:
         a, b = int(m.group(1)), int(m.group(2))
-        if task == "sub":  # "Subtract b from a"
-            b, a = a, b
-    else:
-        m = direct.search(prompt)
-        if not m:
-            return None
-        a, b = int(m.group(1)), int(m.group(2))
+        return (b, a) if task == "sub" else (a, b)  # "Subtract b from a"
+    m = direct.search(prompt)
+    return None if not m else (int(m.group(1)), int(m.group(2)))
+
+
+def _arith_truth(task: str, prompt: str) -> int | None:
+    operands = arith_operands(task, prompt)
+    if operands is None:
+        return None
+    a, b = operands
     return {"add": a + b, "sub": a - b, "mul": a * b}[task]
 
 
