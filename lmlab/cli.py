@@ -838,6 +838,128 @@ def add_train_commands(sub) -> None:
     p.set_defaults(func=cmd_pretrain)
 
 
+# --- speedrun --------------------------------------------------------------------------------
+
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    from lmlab.speedrun import SpeedrunConfig, default_recipe, speedrun
+
+    recipe = Path(args.recipe) if args.recipe else default_recipe()
+    if not recipe.is_file():
+        raise UsageError(f"recipe {recipe} does not exist; pass --recipe recipes/speedrun.toml from the lmlab "
+                         "source tree")
+    cfg = SpeedrunConfig(out=Path(args.out), recipe=recipe, overrides=args.set or [], corpus_size=args.corpus,
+                         vocab_size=args.vocab_size, eval_problems=args.eval_problems, fresh=args.fresh,
+                         progress=not args.no_progress)
+    report = speedrun(cfg)
+    return 130 if report.get("interrupted") else 0
+
+
+def add_speedrun_command(sub) -> None:
+    p = sub.add_parser(
+        "speedrun", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="the main job: corpus, tokenizer, pretraining, evaluation and a report card, in minutes",
+        description="From nothing to a trained small model and its report card, on a laptop CPU in about ten "
+                    "minutes: generate the synthetic corpus, train a BPE tokenizer, write token shards, pretrain "
+                    "a few-million-parameter model (recipes/speedrun.toml), evaluate it (validation loss, "
+                    "held-out arithmetic with and without worked steps, samples) and write report.md, "
+                    "report.json and loss.png to --out. Complete stages are reused on a rerun; an interrupted "
+                    "pretraining resumes. SFT joins the pipeline with the fine-tuning stage.",
+    )
+    p.add_argument("--out", default="runs/speedrun", help="directory for every stage's output and the report")
+    p.add_argument("--recipe", default=None, help="pretraining recipe (default: recipes/speedrun.toml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe setting (repeatable)")
+    p.add_argument("--corpus", default="small", choices=["tiny", "small", "medium"], help="synthetic corpus size")
+    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary")
+    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems per arithmetic task and mode")
+    p.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_speedrun)
+
+
+# --- scaling ---------------------------------------------------------------------------------
+
+def _flops(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of FLOPs, e.g. 1e21") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"compute must be positive, got {text}")
+    return value
+
+
+def cmd_scaling_plan(args: argparse.Namespace) -> int:
+    from lmlab.train.scaling import ScalingLaw, plan
+
+    law = ScalingLaw.load(args.law) if args.law else None
+    result = plan(args.flops, law, args.tokens_per_param)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    source = f"the law in {args.law}" if law else f"the {args.tokens_per_param:g}-tokens-per-parameter rule (C = 6ND)"
+    print(f"compute      {result['flops']:.3e} FLOPs  ({source})")
+    print(f"parameters   {result['params']:.3e}  (non-embedding)")
+    print(f"tokens       {result['tokens']:.3e}  ({result['tokens_per_param']:.1f} per parameter)")
+    if "loss" in result:
+        print(f"loss         {result['loss']:.4f}  (predicted)")
+    return 0
+
+
+def cmd_scaling_sweep(args: argparse.Namespace) -> int:
+    from lmlab.train.config import apply_overrides, read_recipe
+    from lmlab.train.scaling import sweep
+
+    recipe = args.recipe or str(Path(__file__).resolve().parents[1] / "recipes" / "scaling-sweep.toml")
+    base = apply_overrides(read_recipe(recipe), args.set or [])
+    widths = [int(x) for x in args.widths.split(",")]
+    steps = [int(x) for x in args.steps.split(",")]
+    if len(widths) * len(steps) < 5:
+        raise UsageError("the law has 5 parameters: give at least 5 runs (--widths x --steps)")
+    summary = sweep(args.out, base, widths, steps, data=args.data, progress=not args.no_progress)
+    law = summary["law"]
+    print(f"\nfit (Chinchilla approach 3, {len(summary['points'])} runs): L(N, D) = {law['E']:.4f} + "
+          f"{law['A']:.4g} / N^{law['alpha']:.4f} + {law['B']:.4g} / D^{law['beta']:.4f}")
+    print(f"{'compute':>12} {'N_opt':>12} {'D_opt':>12} {'tokens/param':>13} {'loss':>8}")
+    for row in summary["frontier"]:
+        print(f"{row['flops']:12.3e} {row['params']:12.3e} {row['tokens']:12.3e} {row['tokens_per_param']:13.1f} "
+              f"{row['loss']:8.4f}")
+    print(f"wrote {args.out}/sweep.jsonl, law.json, isoflop.png, fit.png")
+    return 0
+
+
+def add_scaling_commands(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    s = sub.add_parser("scaling", help="compute-optimal model size and tokens; fit a scaling law by a sweep",
+                       description="Scaling laws (Kaplan et al. 2020; Hoffmann et al. 2022): plan a run for a "
+                                   "compute budget, or train a grid of tiny models and fit L(N, D).")
+    ssub = s.add_subparsers(dest="scaling_command", metavar="<command>", required=True)
+    p = ssub.add_parser("plan", formatter_class=fmt, help="compute-optimal parameters and tokens for C FLOPs",
+                        description="N and D for a budget of C = 6ND FLOPs: from a fitted law (--law law.json, "
+                                    "written by `lmlab scaling sweep`) by Hoffmann et al.'s closed form, else "
+                                    "by the rule of ~20 tokens per parameter. N counts non-embedding parameters.")
+    p.add_argument("--flops", type=_flops, required=True, help="compute budget C in FLOPs, e.g. 1e21")
+    p.add_argument("--law", help="law.json from `lmlab scaling sweep`")
+    p.add_argument("--tokens-per-param", type=float, default=20.0, help="the rule's D / N without a law")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_scaling_plan)
+    w = ssub.add_parser("sweep", formatter_class=fmt, help="train a grid of tiny models and fit L(N, D)",
+                        description="Train every (width, steps) pair of tiny models (width sets depth and heads), "
+                                    "record (N, D, C, validation loss) in OUT/sweep.jsonl (a rerun skips finished "
+                                    "runs), fit L = E + A/N^alpha + B/D^beta by Chinchilla's approach 3 (Huber "
+                                    "loss on log values, L-BFGS from a grid of starts), print the fit and the "
+                                    "compute-optimal frontier, and write law.json, isoflop.png and fit.png. The "
+                                    "default grid (16 runs) takes about 10 minutes on 2 CPU cores.")
+    w.add_argument("--out", default="runs/scaling", help="directory for the runs, the fit and the plots")
+    w.add_argument("--data", default="synthetic", help="synthetic (made on the fly) or a registry corpus, "
+                                                       "e.g. tinyshakespeare")
+    w.add_argument("--widths", default="32,48,64,96", help="comma-separated model widths (d_model)")
+    w.add_argument("--steps", default="50,100,200,400", help="comma-separated training lengths in steps")
+    w.add_argument("--recipe", default=None, help="base recipe (default: recipes/scaling-sweep.toml)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base-recipe setting")
+    w.add_argument("--no-progress", action="store_true", help="no progress bars")
+    w.set_defaults(func=cmd_scaling_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmlab",
@@ -917,6 +1039,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_prepare_command(dsub)
     add_data_shards_commands(dsub)
     add_train_commands(sub)
+    add_speedrun_command(sub)
+    add_scaling_commands(sub)
     return parser
 
 
