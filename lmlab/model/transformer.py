@@ -22,6 +22,7 @@ from torch import nn
 from .attention import ATTN_IMPLS, Attention, causal_mask
 from .cache import KVCache
 from .config import ModelConfig
+from .loss import linear_cross_entropy
 from .mlp import MLP
 from .norm import Norm
 from .position import alibi_slopes, rope_cos_sin, sinusoidal_embedding
@@ -30,7 +31,7 @@ IGNORE_INDEX = -100
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when forward(..., return_logits=False)
     loss: torch.Tensor | None = None
 
 
@@ -95,7 +96,7 @@ class Transformer(nn.Module):
     # --- forward ---------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> ModelOutput:
+                attention_mask: torch.Tensor | None = None, return_logits: bool = True) -> ModelOutput:
         """ids (B, T) -> logits (B, T, vocab) and, with targets (B, T), the mean next-token
         cross-entropy over targets != -100 (targets are already shifted: targets[t] = ids[t+1]).
 
@@ -105,8 +106,14 @@ class Transformer(nn.Module):
             (B, 1, T, T), True where query t may attend key s, for packed training sequences
             whose documents must not see each other (it is AND-ed with the causal and sliding
             window masks; pass `positions` that restart at each document).
+        return_logits: with targets, False skips the logits (ModelOutput.logits is None) and
+            computes the loss a chunk of tokens at a time, fused with the output projection
+            (model/loss.py): same loss and gradients, far less memory traffic. Training uses it.
         """
         h = self.hidden_states(ids, cache, positions, attention_mask)
+        if targets is not None and not return_logits:
+            weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            return ModelOutput(None, linear_cross_entropy(h, weight, targets, self.cfg.logit_softcap, IGNORE_INDEX))
         logits = self.logits(h)
         loss = None
         if targets is not None:

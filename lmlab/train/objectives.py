@@ -23,5 +23,5 @@ def next_token(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, 
     With document masking (batch.doc_ids set), each token attends only to earlier tokens of its
     own document and positions restart at every document start."""
     mask = None if batch.doc_ids is None else document_causal_mask(batch.doc_ids)
-    out = model(batch.x, targets=batch.y, positions=batch.positions, attention_mask=mask)
+    out = model(batch.x, targets=batch.y, positions=batch.positions, attention_mask=mask, return_logits=False)
     return out.loss, {}
