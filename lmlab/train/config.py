@@ -70,7 +70,7 @@ class LoopConfig:
     seed: int = 0  # weights initialization and data order
     log_every: int = 10  # steps between metric lines
     eval_every: int = 200  # steps between evaluations (val loss, perplexity, samples); 0: only at the end
-    eval_batches: int = 20  # validation batches per evaluation
+    eval_batches: int = 20  # validation batches per evaluation (per process); 0: the whole split
     sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])  # generated at eval
     sample_tokens: int = 32  # new tokens per sample (greedy); 0 disables samples
     save_every: int = 500  # steps between checkpoints (one is always written at the end); 0: only at the end

@@ -147,22 +147,22 @@ def _set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
 
 def _grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm to max_norm (0: no clipping) and return the norm before.
-    Under FSDP every gradient is a DTensor; under tensor parallelism some are DTensors and the
-    replicated ones plain tensors, which torch's clip_grad_norm_ cannot mix: there the two
-    kinds' norms are combined by hand."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    limit = max_norm if max_norm > 0 else math.inf
-    kinds = {hasattr(g, "full_tensor") for g in grads}
-    if len(kinds) < 2:
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], limit)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    squares = [torch.linalg.vector_norm(g) ** 2 for g in grads]
-    norm = torch.sqrt(sum(x.full_tensor() if hasattr(x, "full_tensor") else x for x in squares))
-    scale = min(1.0, limit / (float(norm) + 1e-6))
-    if scale < 1.0:
-        for g in grads:
-            g.mul_(scale)
-    return norm
+    Under FSDP every gradient is a DTensor shard; under tensor parallelism the split matrices'
+    are and the replicated parameters' are plain tensors, which torch's clip_grad_norm_ cannot
+    take in one list. So each kind's norm is computed apart (a DTensor's over all its shards),
+    the two are combined, and both kinds are scaled by the same factor."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    sharded = [p for p in params if hasattr(p.grad, "full_tensor")]
+    kinds = [k for k in (sharded, [p for p in params if not hasattr(p.grad, "full_tensor")]) if k]
+    if not kinds:
+        return torch.zeros(())
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in k]) for k in kinds]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm > 0:
+        for k in kinds:
+            torch.nn.utils.clip_grads_with_norm_(k, max_norm, total)
+    return total
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -190,13 +190,10 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
     if t.threads:
         torch.set_num_threads(t.threads)
 
+    tokens_per_step = t.batch_size * cfg.data.seq_len * t.grad_accum * env.dp_size
     state: dict[str, Any] = {}
     sharded_start = start is not None and (start / "dcp").is_dir()  # written by FSDP / TP: reshards on load
-    if start is not None and env.sharded and not sharded_start:
-        raise ValueError(f"{start} was written by an unsharded run (single process or DDP); resuming it under "
-                         f"distributed.strategy={env.strategy!r} is not supported. Resume it unsharded, or start a "
-                         "new sharded run from its weights with train.init_from")
-    if start is not None and not sharded_start:
+    if start is not None and not sharded_start:  # whole weights: load them before any sharding
         state = ckpt.load_train_state(start)
         weights = load_checkpoint(start, device=device, dtype=torch.float32).state_dict()
         model.load_state_dict(weights, strict=True)
@@ -213,18 +210,23 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
         state = distributed.load_sharded(start, plain, optimizer)
     step, tokens = 0, 0
     if start is not None:
-        if not sharded_start:
+        if env.sharded and not sharded_start:  # a whole optimizer state, to be sharded like the model
+            distributed.load_full_optimizer_state(plain, optimizer, state["optimizer"])
+        elif not sharded_start:
             optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         step, tokens = int(state["step"]), int(state["tokens"])
+        if state.get("tokens_per_step", tokens_per_step) != tokens_per_step:  # e.g. grad_accum changed
+            raise ValueError(f"cannot resume {start}: it trained on {state['tokens_per_step']:,} tokens per step and "
+                             f"this run takes {tokens_per_step:,}; keep batch_size x grad_accum x data-parallel "
+                             "processes x seq_len as it was")
 
     log = MetricsLog(out_dir, enabled=env.is_main, tensorboard=t.tensorboard)
     if start is not None:
         log.truncate_after(step)
-    tokens_per_step = t.batch_size * cfg.data.seq_len * t.grad_accum * env.dp_size
     flops_per_step = flops_per_token(plain.cfg, cfg.data.seq_len) * tokens_per_step if hasattr(plain, "cfg") else 0
     peak = (t.peak_flops or (peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0))
     peak *= env.world_size
@@ -234,7 +236,8 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
         path = ckpt.checkpoint_dir(out_dir, at)
         train_state = {"step": at, "tokens": tokens, "optimizer": None if env.sharded else optimizer.state_dict(),
                        "scaler": scaler.state_dict() if scaler is not None else None,
-                       "loader": batches.state_dict(), "rng": ckpt.rng_state(), "world_size": env.world_size}
+                       "loader": batches.state_dict(), "rng": ckpt.rng_state(), "world_size": env.world_size,
+                       "tokens_per_step": tokens_per_step}
         if env.sharded:
             distributed.save_sharded(path, plain, optimizer, train_state, tokenizer_files, metadata, env)
         elif env.is_main:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.loader import PackedLoader, ValidationLoader
+from ..data.loader import Batch, PackedLoader, ValidationLoader
 from ..model.loading import load as load_model
 from ..model.transformer import build_model
 from . import distributed
@@ -33,10 +33,17 @@ def validation_loss(model: nn.Module, cfg: TrainConfig, env: DistEnv, max_batche
     loader = ValidationLoader(cfg.data.path, "val", cfg.data.seq_len, cfg.train.batch_size, rank=env.dp_rank,
                               world_size=env.dp_size, doc_mask=cfg.data.doc_mask, device=env.device,
                               max_batches=max_batches)
+    # Sharded data parallel (FSDP): every forward all-gathers weights, so every process must run as
+    # many as the one with the most batches; the extra passes run on a dummy batch and count for nothing.
+    passes = distributed.all_max(len(loader), env) if env.sharded and env.dp_size > 1 else len(loader)
+    filler = torch.zeros(1, cfg.data.seq_len, dtype=torch.long, device=env.device)
+    batches = iter(loader)
     total = torch.zeros(2, dtype=torch.float64, device=env.device)
-    for batch in loader:
-        loss, _ = next_token(model, batch)
-        total += torch.stack([loss.double() * batch.y.numel(), torch.tensor(batch.y.numel(), device=env.device)])
+    for _ in range(passes):
+        batch = next(batches, None)
+        loss, _ = next_token(model, batch if batch is not None else Batch(filler, filler))
+        if batch is not None:
+            total += torch.stack([loss.double() * batch.y.numel(), torch.tensor(batch.y.numel(), device=env.device)])
     total = distributed.all_sum(total, env)
     if total[1] == 0:
         raise ValueError(f"the validation split of {cfg.data.path} is empty; write shards with a val_fraction > 0")
@@ -95,10 +102,11 @@ def pretrain(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                               doc_mask=cfg.data.doc_mask, device=env.device, tokenizer=tokenizer)
 
         def evaluate(m: nn.Module) -> dict[str, Any]:
-            loss = validation_loss(m, cfg, env, cfg.train.eval_batches)
+            loss = validation_loss(m, cfg, env, cfg.train.eval_batches or None)  # 0: the whole split
             result: dict[str, Any] = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
             if tokenizer is not None and cfg.train.sample_tokens and cfg.train.sample_prompts:
-                result["samples"] = sample_texts(m, tokenizer, cfg.train.sample_prompts, cfg.train.sample_tokens)
+                with distributed.root_unsharded(m):  # generation calls the model's methods, not the model
+                    result["samples"] = sample_texts(m, tokenizer, cfg.train.sample_prompts, cfg.train.sample_tokens)
             return result
 
         from ..tokenizer import tokenizer_files

@@ -116,3 +116,14 @@ def test_tensorboard_is_optional_and_named_when_missing(tiny_recipe, tmp_path):
         return
     run(tiny_recipe(tmp_path / "tb", steps=2, tensorboard=True))
     assert any((tmp_path / "tb/tensorboard").iterdir())
+
+
+def test_resume_refuses_a_different_global_batch(tiny_recipe, tmp_path):
+    run(tiny_recipe(tmp_path / "run", steps=4, batch_size=4, grad_accum=1))
+    with pytest.raises(ValueError, match="tokens per step"):
+        run(tiny_recipe(tmp_path / "run", steps=8, batch_size=4, grad_accum=2), resume=True)
+
+
+def test_eval_batches_zero_evaluates_the_whole_split(tiny_recipe, tmp_path):
+    result = run(tiny_recipe(tmp_path / "run", steps=2, eval_batches=0, eval_every=2))
+    assert math.isfinite(result.eval["val_loss"])
