@@ -847,10 +847,22 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     if not recipe.is_file():
         raise UsageError(f"recipe {recipe} does not exist; pass --recipe recipes/speedrun.toml from the lmlab "
                          "source tree")
-    cfg = SpeedrunConfig(out=Path(args.out), recipe=recipe, overrides=args.set or [], corpus_size=args.corpus,
-                         vocab_size=args.vocab_size, eval_problems=args.eval_problems, fresh=args.fresh,
-                         progress=not args.no_progress)
-    report = speedrun(cfg)
+    if args.eval_problems < 1:
+        raise UsageError(f"--eval-problems must be at least 1, got {args.eval_problems}")
+    if args.vocab_size < 512:
+        raise UsageError(f"--vocab-size {args.vocab_size} is too small: 256 byte tokens and the special tokens "
+                         "leave almost no merges; use 512 or more")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
+    cfg = SpeedrunConfig(out=args.out, recipe=recipe, overrides=args.set or [], corpus_size=args.corpus,
+                         vocab_size=args.vocab_size, tokenizer_pattern=args.pattern,
+                         eval_problems=args.eval_problems, fresh=args.fresh, progress=not args.no_progress)
+    try:
+        report = speedrun(cfg)
+    except KeyboardInterrupt:  # outside pretraining (which stops cleanly by itself): nothing half-written stays
+        print(f"\ninterrupted; finished stages are kept in {args.out}: run the same command to go on",
+              file=sys.stderr)
+        return 130
     return 130 if report.get("interrupted") else 0
 
 
@@ -861,16 +873,21 @@ def add_speedrun_command(sub) -> None:
         description="From nothing to a trained small model and its report card, on a laptop CPU in about ten "
                     "minutes: generate the synthetic corpus, train a BPE tokenizer, write token shards, pretrain "
                     "a few-million-parameter model (recipes/speedrun.toml), evaluate it (validation loss, "
-                    "held-out arithmetic with and without worked steps, samples) and write report.md, "
-                    "report.json and loss.png to --out. Complete stages are reused on a rerun; an interrupted "
-                    "pretraining resumes. SFT joins the pipeline with the fine-tuning stage.",
+                    "held-out arithmetic with and without worked steps, lookups, copying, story questions, "
+                    "samples) and write report.md, report.json and loss.png to --out. Stages whose inputs are "
+                    "unchanged are reused on a rerun; Ctrl-C during pretraining leaves a checkpoint that the "
+                    "next run resumes. SFT joins the pipeline with the fine-tuning stage. See docs/speedrun.md.",
     )
-    p.add_argument("--out", default="runs/speedrun", help="directory for every stage's output and the report")
+    p.add_argument("--out", type=Path, default=Path("runs/speedrun"),
+                   help="directory for every stage's output and the report")
     p.add_argument("--recipe", default=None, help="pretraining recipe (default: recipes/speedrun.toml)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe setting (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. train.steps=1200 (repeatable; values are TOML)")
     p.add_argument("--corpus", default="small", choices=["tiny", "small", "medium"], help="synthetic corpus size")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary")
-    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems per arithmetic task and mode")
+    p.add_argument("--pattern", default="digits", choices=["digits", "gpt4"],
+                   help="tokenizer pre-tokenization: GPT-4's with single digits, or GPT-4's (up to 3 digits)")
+    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems per task (and arithmetic mode)")
     p.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_speedrun)
@@ -891,39 +908,68 @@ def _flops(text: str) -> float:
 def cmd_scaling_plan(args: argparse.Namespace) -> int:
     from lmlab.train.scaling import ScalingLaw, plan
 
+    if args.law and args.tokens_per_param is not None:
+        raise UsageError("--law and --tokens-per-param exclude each other: a fitted law sets tokens per parameter")
     law = ScalingLaw.load(args.law) if args.law else None
     result = plan(args.flops, law, args.tokens_per_param)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    source = f"the law in {args.law}" if law else f"the {args.tokens_per_param:g}-tokens-per-parameter rule (C = 6ND)"
-    print(f"compute      {result['flops']:.3e} FLOPs  ({source})")
-    print(f"parameters   {result['params']:.3e}  (non-embedding)")
-    print(f"tokens       {result['tokens']:.3e}  ({result['tokens_per_param']:.1f} per parameter)")
+    rule = args.tokens_per_param if args.tokens_per_param is not None else 20
+    source = f"the law in {args.law}" if law else f"the rule of {rule:g} tokens per parameter"
+    print(f"compute      {result['flops']:.3e} FLOPs = 6 N D  ({source})")
+    print(f"parameters   {result['params']:.3e}  (N, non-embedding)")
+    print(f"tokens       {result['tokens']:.3e}  (D, {result['tokens_per_param']:.1f} per parameter)")
     if "loss" in result:
-        print(f"loss         {result['loss']:.4f}  (predicted)")
+        print(f"loss         {result['loss']:.4f}  (predicted by the law)")
+    shape = result["shape"]
+    print(f"shape        d_model {shape['d_model']}, n_layers {shape['n_layers']}, n_heads {shape['n_heads']}, "
+          f"d_ff {shape['d_ff']}  ({shape['params']:.3e} non-embedding parameters)")
+    fitted = (law.fitted_on or {}) if law else {}
+    if fitted:
+        lo, hi = fitted["params"]
+        if not lo / 3 <= result["params"] <= hi * 3:
+            print(f"note: the law was fitted on N from {lo:.3g} to {hi:.3g}; this plan extrapolates beyond that",
+                  file=sys.stderr)
     return 0
 
 
-def cmd_scaling_sweep(args: argparse.Namespace) -> int:
-    from lmlab.train.config import apply_overrides, read_recipe
-    from lmlab.train.scaling import sweep
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated whole numbers, e.g. 32,64,96; got {text!r}") from None
+    if not values:
+        raise UsageError(f"{flag} is empty")
+    return values
 
-    recipe = args.recipe or str(Path(__file__).resolve().parents[1] / "recipes" / "scaling-sweep.toml")
+
+def cmd_scaling_sweep(args: argparse.Namespace) -> int:
+    from lmlab.train import scaling
+    from lmlab.train.config import apply_overrides, read_recipe
+
+    recipe = Path(args.recipe) if args.recipe else Path(__file__).resolve().parents[1] / "recipes/scaling-sweep.toml"
+    if not recipe.is_file():
+        raise UsageError(f"recipe {recipe} does not exist; pass --recipe recipes/scaling-sweep.toml from the lmlab "
+                         "source tree")
+    given_widths, given_steps = getattr(args, "widths", None), getattr(args, "steps", None)  # absent: default
+    if args.quick and (given_widths or given_steps):
+        raise UsageError("--quick sets the grid; leave out --widths and --steps, or drop --quick")
+    widths = _int_list(given_widths, "--widths") if given_widths else (
+        scaling.QUICK_WIDTHS if args.quick else scaling.DEFAULT_WIDTHS)
+    steps = _int_list(given_steps, "--steps") if given_steps else (
+        scaling.QUICK_STEPS if args.quick else scaling.DEFAULT_STEPS)
     base = apply_overrides(read_recipe(recipe), args.set or [])
-    widths = [int(x) for x in args.widths.split(",")]
-    steps = [int(x) for x in args.steps.split(",")]
-    if len(widths) * len(steps) < 5:
-        raise UsageError("the law has 5 parameters: give at least 5 runs (--widths x --steps)")
-    summary = sweep(args.out, base, widths, steps, data=args.data, progress=not args.no_progress)
-    law = summary["law"]
-    print(f"\nfit (Chinchilla approach 3, {len(summary['points'])} runs): L(N, D) = {law['E']:.4f} + "
-          f"{law['A']:.4g} / N^{law['alpha']:.4f} + {law['B']:.4g} / D^{law['beta']:.4f}")
-    print(f"{'compute':>12} {'N_opt':>12} {'D_opt':>12} {'tokens/param':>13} {'loss':>8}")
-    for row in summary["frontier"]:
-        print(f"{row['flops']:12.3e} {row['params']:12.3e} {row['tokens']:12.3e} {row['tokens_per_param']:13.1f} "
-              f"{row['loss']:8.4f}")
-    print(f"wrote {args.out}/sweep.jsonl, law.json, isoflop.png, fit.png")
+    result = scaling.sweep(args.out, base, widths, steps, data=args.data, vocab_size=args.vocab_size,
+                           overwrite=args.overwrite, progress=not args.no_progress)
+    if result.interrupted:
+        print(f"interrupted with {len(result.points)} runs of the grid finished; the same command resumes the sweep",
+              file=sys.stderr)
+        return 130
+    print()
+    print(scaling.summary_text(result), end="")
+    print(f"wrote {args.out}/: sweep.jsonl, law.json, summary.txt, isoflop.png, fit.png")
+    print(f"plan with it: lmlab scaling plan --flops 1e15 --law {Path(args.out) / 'law.json'}")
     return 0
 
 
@@ -931,31 +977,43 @@ def add_scaling_commands(sub) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     s = sub.add_parser("scaling", help="compute-optimal model size and tokens; fit a scaling law by a sweep",
                        description="Scaling laws (Kaplan et al. 2020; Hoffmann et al. 2022): plan a run for a "
-                                   "compute budget, or train a grid of tiny models and fit L(N, D).")
+                                   "compute budget, or train a grid of tiny models and fit L(N, D) "
+                                   "(docs/scaling.md).")
     ssub = s.add_subparsers(dest="scaling_command", metavar="<command>", required=True)
     p = ssub.add_parser("plan", formatter_class=fmt, help="compute-optimal parameters and tokens for C FLOPs",
-                        description="N and D for a budget of C = 6ND FLOPs: from a fitted law (--law law.json, "
-                                    "written by `lmlab scaling sweep`) by Hoffmann et al.'s closed form, else "
-                                    "by the rule of ~20 tokens per parameter. N counts non-embedding parameters.")
+                        description="The compute-optimal N (non-embedding parameters) and D (tokens) for a budget "
+                                    "of C = 6ND FLOPs: from a fitted law (--law law.json, written by `lmlab "
+                                    "scaling sweep`) by Hoffmann et al.'s closed form, which also predicts the "
+                                    "loss, else by the rule of 20 tokens per parameter. Also suggests a model "
+                                    "shape of about N parameters (d_model = 64 x n_layers, 64-dim heads).")
     p.add_argument("--flops", type=_flops, required=True, help="compute budget C in FLOPs, e.g. 1e21")
     p.add_argument("--law", help="law.json from `lmlab scaling sweep`")
-    p.add_argument("--tokens-per-param", type=float, default=20.0, help="the rule's D / N without a law")
+    p.add_argument("--tokens-per-param", type=float, default=None,
+                   help="tokens per parameter of the rule used without --law (default: 20, Hoffmann et al.)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_scaling_plan)
     w = ssub.add_parser("sweep", formatter_class=fmt, help="train a grid of tiny models and fit L(N, D)",
-                        description="Train every (width, steps) pair of tiny models (width sets depth and heads), "
-                                    "record (N, D, C, validation loss) in OUT/sweep.jsonl (a rerun skips finished "
-                                    "runs), fit L = E + A/N^alpha + B/D^beta by Chinchilla's approach 3 (Huber "
-                                    "loss on log values, L-BFGS from a grid of starts), print the fit and the "
-                                    "compute-optimal frontier, and write law.json, isoflop.png and fit.png. The "
-                                    "default grid (16 runs) takes about 10 minutes on 2 CPU cores.")
-    w.add_argument("--out", default="runs/scaling", help="directory for the runs, the fit and the plots")
-    w.add_argument("--data", default="synthetic", help="synthetic (made on the fly) or a registry corpus, "
-                                                       "e.g. tinyshakespeare")
-    w.add_argument("--widths", default="32,48,64,96", help="comma-separated model widths (d_model)")
-    w.add_argument("--steps", default="50,100,200,400", help="comma-separated training lengths in steps")
+                        description="Train every (width, steps) pair of tiny models from a base recipe (width "
+                                    "sets depth, heads and MLP), record (N, D, C = 6ND, final validation loss) in "
+                                    "OUT/sweep.jsonl, fit L = E + A/N^alpha + B/D^beta by Chinchilla's approach 3 "
+                                    "(Huber loss on log values, L-BFGS from a grid of starts), print the fit and "
+                                    "the compute-optimal frontier, and write law.json, summary.txt, isoflop.png "
+                                    "and fit.png. Rerunning skips finished runs and resumes an interrupted one. "
+                                    "The default grid (5 widths x 4 lengths, 20 runs) takes 10 to 20 minutes on "
+                                    "2 CPU cores (20 measured on busy ones); --quick (3 x 3) 2 to 3.")
+    w.add_argument("--out", default="runs/scaling", help="directory for the data, the runs, the fit and the plots")
+    w.add_argument("--data", default="synthetic", help="synthetic (the built-in corpus, made on the fly) or a "
+                                                       "registry corpus such as tinyshakespeare (from $LMLAB_DATA)")
+    # SUPPRESS: left out, the attribute is absent, so --quick can tell a given grid from the default
+    w.add_argument("--widths", default=argparse.SUPPRESS,
+                   help="comma-separated model widths d_model (default: 32,48,64,96,128)")
+    w.add_argument("--steps", default=argparse.SUPPRESS,
+                   help="comma-separated training lengths in steps (default: 50,100,200,400)")
+    w.add_argument("--quick", action="store_true", help="a small grid: widths 32,48,64 x steps 25,50,100")
+    w.add_argument("--vocab-size", type=int, default=512, help="vocabulary of the BPE trained on the corpus")
     w.add_argument("--recipe", default=None, help="base recipe (default: recipes/scaling-sweep.toml)")
-    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base-recipe setting")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base-recipe setting (repeatable)")
+    w.add_argument("--overwrite", action="store_true", help="delete OUT's runs and fit first (the data is kept)")
     w.add_argument("--no-progress", action="store_true", help="no progress bars")
     w.set_defaults(func=cmd_scaling_sweep)
 

@@ -1,16 +1,24 @@
-"""Arithmetic on the synthetic corpus's held-out problems, asked the way a pretrained model has
-seen arithmetic: with worked steps and as a direct answer.
+"""Held-out synthetic tasks, asked the way a *pretrained* model has seen them, scored exactly.
 
-The synthetic pretraining text (lmlab/data/synthetic.py) holds arithmetic in two forms:
+The synthetic pretraining text (lmlab/data/synthetic.py) holds arithmetic in two forms, each a
+document of its own (documents are separated by the tokenizer's end-of-text token):
 
-    worked:   "Add 2505 and 7.\\nWrite the numbers in columns ...\\nSo 2505 + 7 = 2512.\\nAnswer: 2512"
-    direct:   drill lines "2505 + 7 = 2512"
+    worked:  "Add 2505 and 7.\\nWrite the numbers in columns ...\\nSo 2505 + 7 = 2512.\\nAnswer: 2512"
+    direct:  drill lines "2505 + 7 = 2512", one equation per line
 
-A base model (no instruction tuning yet) is prompted with the first line of a worked solution, or
-with "a op b =", greedily continues, and is scored by the corpus's own verifier on the last
-`Answer:` (worked) or the first number (direct). The problems come from the corpus's eval split
-(eval/add.jsonl, ...), which is disjoint from everything it trained on. Comparing the two columns
-shows what writing the steps out buys a small model (Nye et al. 2021, "Show your work").
+and lookups, copying and story questions as "<question>\\nAnswer: <answer>". A base model (no
+instruction tuning yet) is prompted with the document separator, then the first line of a worked
+solution, or "a op b =", or the question followed by "\\nAnswer:"; it continues greedily through
+`lmlab.infer.generate`. The answer is read from the completion (the first `Answer:` line, the first
+line of a drill, the rest of the `Answer:` line) and checked by the corpus's own verifier,
+`synthetic.verify`, which recomputes the truth from the prompt. The problems come from the
+corpus's eval split (eval/add.jsonl, ...), which by construction never appears in training text.
+
+Comparing the worked and direct columns shows what writing the steps out buys a small model
+(Nye et al. 2021, "Show your work: scratchpads for intermediate computation").
+
+Written here rather than as an lm-evaluation-harness task because the tasks, their formats and
+their verifier are lmlab's own; this module imports lmlab.data and lmlab.infer, never lmlab.train.
 """
 
 from __future__ import annotations
@@ -20,90 +28,230 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ..data.synthetic import OPS, WORKED, arith_operands, final_answer
+from tqdm.auto import tqdm
+
+from ..data.synthetic import OPS, WORKED, arith_operands, verify
 
 ARITH_TASKS = tuple(OPS)  # add, sub, mul
 MODES = ("worked", "direct")
-_FIRST_NUMBER = re.compile(r"^\s*(-?\d+)")
+QA_TASKS = ("kv", "copy", "story_qa")  # asked as "<prompt>\nAnswer:" in pretraining documents
+_INTEGER = re.compile(r"-?\d+")
+_ANSWER_LINE = re.compile(r"Answer:[ \t]*([^\n]*)")
 
+
+class TokenizerLike(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+# --- prompts and scoring ---------------------------------------------------------------------------
 
 def worked_prompt(task: str, a: int, b: int) -> str:
     """The first line of the corpus's worked solution of a op b, e.g. "Add 2505 and 7.\\n"."""
-    text, _ = WORKED[task](a, b)
-    return text.split("\n", 1)[0] + "\n"
+    return reference(task, "worked", a, b)[0]
 
 
 def direct_prompt(task: str, a: int, b: int) -> str:
-    """The corpus's drill form, e.g. "2505 + 7 =" (the model writes " 2512")."""
-    return f"{a} {OPS[task]} {b} ="
+    """The corpus's drill form, e.g. "2505 + 7 =" (the corpus continues " 2512")."""
+    return reference(task, "direct", a, b)[0]
+
+
+def reference(task: str, mode: str, a: int, b: int) -> tuple[str, str]:
+    """(prompt, completion) as the corpus writes them for a op b: what a perfect model continues."""
+    if task not in OPS or mode not in MODES:
+        raise ValueError(f"unknown task/mode {task!r}/{mode!r}; tasks: {ARITH_TASKS}, modes: {MODES}")
+    text, result = WORKED[task](a, b)
+    if mode == "direct":
+        return f"{a} {OPS[task]} {b} =", f" {result}"
+    first, rest = text.split("\n", 1)
+    return first + "\n", rest
+
+
+def extract_answer(mode: str, completion: str) -> str | None:
+    """The model's answer in a completion, or None when it gave none in the expected place.
+
+    worked: the text of the first `Answer:` line (later lines may already be a new problem);
+    direct: the first line, as in a drill "a + b = c";
+    qa: the rest of the line after "Answer:" (the prompt ends with it).
+    The answer must be an integer for worked and direct, so "12 apples" or "1 2" score wrong."""
+    if mode == "worked":
+        m = _ANSWER_LINE.search(completion)
+        text = m.group(1) if m else None
+    elif mode in ("direct", "qa"):
+        text = completion.split("\n", 1)[0]
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose worked, direct or qa")
+    if text is None:
+        return None
+    text = text.strip()
+    if mode != "qa":
+        text = text.rstrip(".")
+        return text if _INTEGER.fullmatch(text) else None
+    return text or None
 
 
 def score(task: str, mode: str, a: int, b: int, completion: str) -> bool:
-    """Whether a completion of the `mode` prompt for a op b gives the right result."""
-    truth = {"add": a + b, "sub": a - b, "mul": a * b}[task]
-    if mode == "worked":
-        if "Answer:" not in completion:
-            return False
-        numbers = re.findall(r"-?\d+", final_answer(completion.split("\n\n", 1)[0]))
-        return bool(numbers) and int(numbers[0]) == truth
-    m = _FIRST_NUMBER.match(completion.split("\n", 1)[0])
-    return m is not None and int(m.group(1)) == truth
+    """Whether `completion` of the `mode` prompt for a op b gives the right result."""
+    answer = extract_answer(mode, completion)
+    return answer is not None and verify(task, direct_prompt(task, a, b), answer)
 
 
 def load_problems(eval_dir: str | Path, task: str, limit: int | None = None) -> list[tuple[int, int]]:
     """Operands (a, b) of the held-out problems in eval_dir/<task>.jsonl, in file order."""
+    return [arith_operands(task, item["prompt"]) for item in _read_items(eval_dir, task, limit)]
+
+
+def _read_items(eval_dir: str | Path, task: str, limit: int | None) -> list[dict[str, Any]]:
     path = Path(eval_dir) / f"{task}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; write the synthetic corpus with `lmlab data synth`")
-    problems = []
-    for line in path.read_text().splitlines():
-        operands = arith_operands(task, json.loads(line)["prompt"])
-        if operands is not None:
-            problems.append(operands)
-    return problems[:limit] if limit is not None else problems
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n} is not JSON ({e}); regenerate the corpus with `lmlab data synth`") from e
+        if task in OPS and arith_operands(task, item.get("prompt", "")) is None:
+            raise ValueError(f"{path}:{n}: {item.get('prompt')!r} is not a {task} problem")
+        items.append(item)
+    return items[:limit] if limit is not None else items
 
 
-@dataclass
-class ArithResult:
-    accuracy: dict[str, dict[str, float]]  # mode -> task -> accuracy
-    counts: dict[str, int]  # task -> problems asked
-    examples: list[dict[str, Any]] = field(default_factory=list)  # a few (prompt, completion, correct)
+# --- generation ----------------------------------------------------------------------------------
 
-    def mean(self, mode: str) -> float:
-        values = list(self.accuracy[mode].values())
-        return sum(values) / len(values) if values else 0.0
+def complete(model, tokenizer: TokenizerLike, prompts: Sequence[str], max_new_tokens: int | Sequence[int], *,
+             prefix_ids: Sequence[int] = (), stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (),
+             batch_size: int = 64, progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy completions of `prompts`, each encoded after `prefix_ids` (e.g. the document
+    separator the model was trained with, so that a prompt reads as the start of a document).
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "mean": {m: self.mean(m) for m in self.accuracy},
-                "counts": self.counts, "examples": self.examples}
-
-
-def evaluate_arithmetic(model, tokenizer, eval_dir: str | Path, tasks: Sequence[str] = ARITH_TASKS,
-                        limit: int | None = 200, batch_size: int = 64, max_new_tokens: int = 160,
-                        n_examples: int = 2) -> ArithResult:
-    """Greedy accuracy of `model` on up to `limit` held-out problems per task, worked and direct."""
+    max_new_tokens may be one number or one per prompt. Prompts are batched in order of their
+    budget, so that a short answer does not wait for a long one, and each completion is cut to its
+    own budget: every prompt gets what it would get alone (greedy decoding does not depend on the
+    batch, see lmlab.infer.generate)."""
     from ..infer.generate import generate
     from ..infer.sampling import SamplingParams
 
-    accuracy: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
-    counts, examples = {}, []
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} max_new_tokens for {len(prompts)} prompts")
+    order = sorted(range(len(prompts)), key=lambda i: budgets[i])
+    texts: list[str] = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+        rows = order[start:start + batch_size]
+        params = SamplingParams(max_new_tokens=max(budgets[i] for i in rows), temperature=0.0,
+                                stop_token_ids=list(stop_token_ids), stop=list(stop))
+        ids = [list(prefix_ids) + tokenizer.encode(prompts[i]) for i in rows]
+        for i, c in zip(rows, generate(model, ids, params, decode=tokenizer.decode), strict=True):
+            own = c.token_ids[:budgets[i]]
+            texts[i] = c.text if len(own) == len(c.token_ids) else _cut(tokenizer.decode(own), stop)
+    return texts
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first of the stop strings, as generation would have cut it."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[:min(ends)] if ends else text
+
+
+# --- the evaluations -------------------------------------------------------------------------------
+
+@dataclass
+class TaskResult:
+    """One task in one mode: how many problems, how many right, how many gave a readable answer."""
+
+    task: str
+    mode: str
+    n: int
+    correct: int
+    answered: int  # completions with an answer in the expected place (right or wrong)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # the first few prompts and completions
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "mode": self.mode, "n": self.n, "correct": self.correct,
+                "answered": self.answered, "accuracy": self.accuracy, "examples": self.examples}
+
+
+def _result(task: str, mode: str, prompts: list[str], completions: list[str], right: list[bool],
+            answered: list[bool], n_examples: int) -> TaskResult:
+    examples = [{"prompt": p, "completion": c, "correct": r}
+                for p, c, r in list(zip(prompts, completions, right, strict=True))[:n_examples]]
+    return TaskResult(task, mode, len(prompts), sum(right), sum(answered), examples)
+
+
+def evaluate_arithmetic(model, tokenizer: TokenizerLike, eval_dir: str | Path, *,
+                        tasks: Sequence[str] = ARITH_TASKS, modes: Sequence[str] = MODES, limit: int | None = 200,
+                        prefix_ids: Sequence[int] = (), stop_token_ids: Sequence[int] = (), batch_size: int = 64,
+                        n_examples: int = 3, progress: bool = False) -> list[TaskResult]:
+    """Greedy accuracy on up to `limit` held-out problems per task, in each mode.
+
+    Each prompt may generate 1.5 times the tokens of the corpus's own solution, plus 8, so a
+    model that writes the steps as the corpus does is never cut short. A direct answer ends at
+    the end of its line."""
+    problems = {task: load_problems(eval_dir, task, limit) for task in tasks}
+    jobs = [(task, mode, a, b) for task in tasks for mode in modes for a, b in problems[task]]
+    refs = [reference(task, mode, a, b) for task, mode, a, b in jobs]
+    prompts = [p for p, _ in refs]
+    budgets = [len(tokenizer.encode(c)) * 3 // 2 + 8 for _, c in refs]
+    # One pass over every prompt (batched by budget); a direct answer is its first line, so a
+    # newline may end it, while a worked one runs to the end of the document.
+    completions = complete(model, tokenizer, prompts, budgets, prefix_ids=prefix_ids, stop_token_ids=stop_token_ids,
+                           batch_size=batch_size, progress=progress, desc="arithmetic")
+    results = []
     for task in tasks:
-        problems = load_problems(eval_dir, task, limit)
-        counts[task] = len(problems)
-        for mode in MODES:
-            make = worked_prompt if mode == "worked" else direct_prompt
-            params = SamplingParams(max_new_tokens=max_new_tokens if mode == "worked" else 12, temperature=0.0,
-                                    stop_token_ids=list(tokenizer.eos_ids),
-                                    stop=["\n\n"] if mode == "worked" else ["\n"])
-            prompts = [make(task, a, b) for a, b in problems]
-            completions = []
-            for i in range(0, len(prompts), batch_size):
-                ids = [tokenizer.encode(p) for p in prompts[i:i + batch_size]]
-                completions += [c.text for c in generate(model, ids, params, decode=tokenizer.decode)]
-            right = [score(task, mode, a, b, c) for (a, b), c in zip(problems, completions, strict=True)]
-            accuracy[mode][task] = sum(right) / len(right) if right else 0.0
-            examples += [{"task": task, "mode": mode, "prompt": p, "completion": c, "correct": r}
-                         for p, c, r in list(zip(prompts, completions, right, strict=True))[:n_examples]]
-    return ArithResult(accuracy, counts, examples)
+        for mode in modes:
+            rows = [i for i, job in enumerate(jobs) if job[:2] == (task, mode)]
+            right = [score(task, mode, jobs[i][2], jobs[i][3], completions[i]) for i in rows]
+            answered = [extract_answer(mode, completions[i]) is not None for i in rows]
+            results.append(_result(task, mode, [prompts[i] for i in rows], [completions[i] for i in rows], right,
+                                   answered, n_examples))
+    return results
+
+
+def evaluate_qa(model, tokenizer: TokenizerLike, eval_dir: str | Path, *, tasks: Sequence[str] = QA_TASKS,
+                limit: int | None = 200, max_prompt_tokens: int | None = None, prefix_ids: Sequence[int] = (),
+                stop_token_ids: Sequence[int] = (), batch_size: int = 64, n_examples: int = 3,
+                progress: bool = False) -> list[TaskResult]:
+    """Greedy accuracy on held-out lookups, copying and story questions, prompted as the corpus
+    writes them in pretraining ("<prompt>\\nAnswer:") and scored by `verify` on the rest of the
+    line. Problems whose prompt is longer than max_prompt_tokens (the model's context, say) are
+    left out before the first `limit` are taken."""
+    asked: list[tuple[str, dict[str, Any], str]] = []  # (task, item, prompt)
+    for task in tasks:
+        items = [(task, item, item["prompt"] + "\nAnswer:") for item in _read_items(eval_dir, task, None)]
+        if max_prompt_tokens is not None:
+            items = [x for x in items if len(prefix_ids) + len(tokenizer.encode(x[2])) <= max_prompt_tokens]
+        asked += items[:limit]
+    budgets = [len(tokenizer.encode(" " + item["answer"])) * 3 // 2 + 4 for _, item, _ in asked]
+    completions = complete(model, tokenizer, [p for _, _, p in asked], budgets, prefix_ids=prefix_ids,
+                           stop_token_ids=stop_token_ids, stop=["\n"], batch_size=batch_size, progress=progress,
+                           desc="questions")
+    answers = [extract_answer("qa", c) for c in completions]
+    results = []
+    for task in tasks:
+        rows = [i for i, (t, _, _) in enumerate(asked) if t == task]
+        right = [answers[i] is not None and verify(task, asked[i][1]["prompt"], answers[i]) for i in rows]
+        results.append(_result(task, "qa", [asked[i][2] for i in rows], [completions[i] for i in rows], right,
+                               [answers[i] is not None for i in rows], n_examples))
+    return results
+
+
+def accuracy_table(results: Sequence[TaskResult]) -> dict[str, dict[str, float]]:
+    """mode -> task -> accuracy."""
+    table: dict[str, dict[str, float]] = {}
+    for r in results:
+        table.setdefault(r.mode, {})[r.task] = r.accuracy
+    return table
+
+
+def mean_accuracy(results: Sequence[TaskResult], mode: str) -> float:
+    """The unweighted mean over tasks of one mode's accuracies (0 when there are none)."""
+    values = [r.accuracy for r in results if r.mode == mode]
+    return sum(values) / len(values) if values else 0.0
