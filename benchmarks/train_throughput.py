@@ -15,7 +15,9 @@ equal work. Steps then alternate between the sides (ABAB...) and the median of -
 reported, so background load hits both alike. With --compile, torch.compile'd lmlab is compared
 with torch.compile'd transformers as a separate pair (never compiled against eager).
 --with-logits-path adds a third side: lmlab computing full logits then the loss (its inference
-path), to show what the fused loss is worth on its own.
+path), to show what the fused loss is worth on its own. On a machine that other jobs share,
+`--threads 1 --clock cpu` times the step in CPU seconds of this process, which their load barely
+changes (two threads in wall-clock time are slowed many times over by a busy neighbour).
 
     python benchmarks/train_throughput.py --preset speedrun     # the speedrun recipe's model
     python benchmarks/train_throughput.py --preset default --compile
@@ -33,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,9 @@ PRESETS = {
     # the 32M configuration of benchmarks/forward_backward.py
     "default": dict(vocab=8192, d_model=512, layers=8, heads=8, kv_heads=4, d_ff=1408, tie=False,
                     shapes=["4x256", "2x1024"]),
+    # ModelConfig()'s defaults: a Llama-2-sized 32000-token vocabulary on a small body (58M parameters)
+    "modelconfig": dict(vocab=32000, d_model=512, layers=8, heads=8, kv_heads=8, d_ff=1536, tie=False,
+                        shapes=["4x256", "2x1024"]),
 }
 OPTIMIZER_IMPLS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -126,7 +132,7 @@ class Side:
 
     name: str
     model: torch.nn.Module  # the eager module, owner of the parameters
-    loss_fn: object  # (module, x, y) -> scalar loss
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (module, x, y) -> loss
 
     def snapshot(self) -> dict:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -152,7 +158,8 @@ def adamw(model: torch.nn.Module, impl: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, **OPTIMIZER_IMPLS[impl])
 
 
-def make_step(side: Side, module, opt: torch.optim.Optimizer, micro_batches: list) -> callable:
+def make_step(side: Side, module: torch.nn.Module, opt: torch.optim.Optimizer,
+              micro_batches: list) -> Callable[[], tuple[float, float]]:
     """One optimizer step over the micro-batches; returns (mean loss, gradient norm before clipping)."""
     n = len(micro_batches)
 
@@ -195,7 +202,8 @@ def run_row(label: str, sides: list[Side], initial: list[dict], micro_batches: l
     steps = {}
     for side, state in zip(sides, initial, strict=True):
         side.model.load_state_dict(state)
-        module = torch.compile(side.model) if compiled else side.model
+        # static shapes, one graph per row, as a run with a fixed batch shape compiles
+        module = torch.compile(side.model, dynamic=False) if compiled else side.model
         steps[side.name] = make_step(side, module, adamw(side.model, args.optimizer_impl), micro_batches)
     warm = {name: step() for name, step in steps.items()}  # compiles, when compiled
     ref_loss, ref_norm = warm["transformers"]

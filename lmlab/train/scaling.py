@@ -51,12 +51,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_file
+
+if TYPE_CHECKING:
+    from .loop import RunResult
 
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022: ~20 tokens per parameter at the compute optimum
 # Hoffmann et al. 2022, appendix D.2: the grid of initializations for (a, b, e, alpha, beta)
@@ -110,7 +113,7 @@ class ScalingLaw:
         if not isinstance(d, dict):
             raise ValueError(f"a scaling law is a JSON object with {', '.join(LAW_FIELDS)}; got {type(d).__name__}")
         missing = [k for k in LAW_FIELDS if k not in d]
-        unknown = sorted(set(d) - {f for f in cls.__dataclass_fields__})
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if missing or unknown:
             raise ValueError(f"a scaling law needs exactly {', '.join(LAW_FIELDS)} (and optionally objective, "
                              f"fitted_on); missing {missing}, unknown {unknown}")
@@ -122,7 +125,12 @@ class ScalingLaw:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{k} must be a finite number, got {v!r}")
             values[k] = float(v)
-        return cls(**values, fitted_on=d.get("fitted_on"))
+        fitted_on = d.get("fitted_on")
+        if fitted_on is not None and not (isinstance(fitted_on, dict) and all(
+                _is_range(fitted_on.get(k)) for k in ("params", "tokens"))):
+            raise ValueError(f"fitted_on must be {{'points': n, 'params': [lo, hi], 'tokens': [lo, hi]}}, "
+                             f"got {fitted_on!r}")
+        return cls(**values, fitted_on=fitted_on)
 
     def save(self, path: str | Path) -> None:
         with atomic_file(path, "w") as f:
@@ -138,6 +146,10 @@ class ScalingLaw:
             return cls.from_dict(json.loads(path.read_text()))
         except ValueError as e:  # json.JSONDecodeError is a ValueError too
             raise ValueError(f"{path} is not a scaling law file: {e}") from e
+
+
+def _is_range(x: Any) -> bool:
+    return isinstance(x, list) and len(x) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in x)
 
 
 def chinchilla_rule(C: float, tokens_per_param: float = TOKENS_PER_PARAM) -> tuple[float, float]:
@@ -420,9 +432,10 @@ def _fingerprint(recipe: dict, data: str, vocab_size: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _check_sweep_dir(out: Path, recipe: dict, data: str, vocab_size: int, overwrite: bool) -> None:
+def _check_sweep_dir(out: Path, recipe: dict, data: str, vocab_size: int, overwrite: bool) -> dict[str, Any]:
     """A sweep directory holds runs of one base recipe and data set: a rerun with the same ones
-    adds to it, different ones are refused (unless overwrite, which deletes the old runs)."""
+    adds to it, different ones are refused (unless overwrite, which deletes the old runs). Returns
+    what sweep.json should hold, written once the data is ready."""
     meta = out / "sweep.json"
     this = {"fingerprint": _fingerprint(recipe, data, vocab_size), "data": data, "vocab_size": vocab_size,
             "recipe": recipe}
@@ -432,7 +445,7 @@ def _check_sweep_dir(out: Path, recipe: dict, data: str, vocab_size: int, overwr
             raise ValueError(f"{out} holds a sweep of another base recipe or data set (data={old.get('data')!r}, "
                              f"vocab_size={old.get('vocab_size')}; see {meta}); its runs would not be comparable. "
                              "Choose another --out, or pass --overwrite to delete its runs and start over")
-        return
+        return this
     if not meta.is_file() and (out / "sweep.jsonl").is_file() and not overwrite:
         raise ValueError(f"{out} holds sweep.jsonl but no sweep.json to say which recipe made its runs; choose "
                          "another --out, or pass --overwrite to delete its runs and start over")
@@ -443,15 +456,14 @@ def _check_sweep_dir(out: Path, recipe: dict, data: str, vocab_size: int, overwr
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-    with atomic_file(meta, "w") as f:
-        json.dump(this, f, indent=2)
+    return this
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def _final_val_loss(result, run_dir: Path, steps: int) -> float:
+def _final_val_loss(result: RunResult, run_dir: Path, steps: int) -> float:
     """The validation loss at the last step: from the run, or, when a resumed run had nothing left
     to train, from the evaluation its metrics.jsonl recorded at that step."""
     from .metrics import read_metrics
@@ -526,8 +538,10 @@ def sweep(out: str | Path, recipe: dict, widths: Sequence[int] = DEFAULT_WIDTHS,
     widths, steps = sorted(set(widths)), sorted(set(steps))
     _check_grid(recipe, widths, steps)
     out.mkdir(parents=True, exist_ok=True)
-    _check_sweep_dir(out, recipe, data, vocab_size, overwrite)
+    meta = _check_sweep_dir(out, recipe, data, vocab_size, overwrite)
     shards, tok_dir = _prepare_data(out / "data" / f"{data}-{vocab_size}", data, vocab_size, progress)
+    with atomic_file(out / "sweep.json", "w") as f:
+        json.dump(meta, f, indent=2)
     log = out / "sweep.jsonl"
     records = _read_records(log)
     done = {(r["width"], r["steps"]) for r in records}

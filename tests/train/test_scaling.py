@@ -219,6 +219,7 @@ def test_law_json_round_trip(tmp_path):
     ('{"E": 1, "A": "many", "B": 1, "alpha": 0.3, "beta": 0.3}', "A must be a finite number"),
     ('{"E": 1, "A": NaN, "B": 1, "alpha": 0.3, "beta": 0.3}', "A must be a finite number"),
     ("[1, 2]", "JSON object"),
+    ('{"E": 1, "A": 1, "B": 1, "alpha": 0.3, "beta": 0.3, "fitted_on": {"params": [1]}}', "fitted_on must be"),
     ("{oops", "not a scaling law file"),
 ])
 def test_a_bad_law_file_is_named_with_the_reason(tmp_path, content, match):
@@ -295,15 +296,37 @@ def _records(out):
     return [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
 
 
-def test_sweep_cli_end_to_end_then_a_rerun_trains_nothing(tmp_path, tiny_sweep_data, monkeypatch, capsys):
-    """recipes/scaling-sweep.toml, shrunk by --set, on the tiny corpus."""
+def test_sweep_cli_interrupted_resumed_then_rerun_without_training(tmp_path, tiny_sweep_data, monkeypatch, capsys):
+    """recipes/scaling-sweep.toml, shrunk by --set, on the tiny corpus. Ctrl-C during the third run
+    (the loop checkpoints and returns interrupted) stops the sweep without a record for that run;
+    the same command resumes that run from its checkpoint and finishes the grid; a third call trains
+    nothing and writes the same fit."""
+    from lmlab.train import pretrain as pretrain_module
+
     out = tmp_path / "sweep"
     shrink = ["model.max_seq_len=32", "data.seq_len=32", "train.batch_size=4", "train.lr=1e-2", "train.threads=1",
               "train.eval_batches=2", "schedule.warmup_steps=1"]
     args = ["scaling", "sweep", "--out", str(out), "--widths", "16,32", "--steps", "2,3,4", "--no-progress",
             *(x for item in shrink for x in ("--set", item))]
+    real, calls = pretrain_module.pretrain, []
+
+    def pretrain(cfg, *, resume=False, overwrite=False, progress=True):
+        calls.append((cfg.model.d_model, cfg.train.steps, resume))
+        result = real(cfg, resume=resume, overwrite=overwrite, progress=progress)
+        if len(calls) == 3:  # as if the signal came at the last step: a checkpoint, no record
+            result.interrupted = True
+        return result
+
+    monkeypatch.setattr(pretrain_module, "pretrain", pretrain)
+    assert main(args) == 130
+    assert "resumes the sweep" in capsys.readouterr().err
+    assert [(p["width"], p["steps"]) for p in _records(out)] == [(16, 2), (16, 3)]
+    assert not (out / "law.json").exists()
+
     assert main(args) == 0
     printed = capsys.readouterr().out
+    assert calls[3] == (16, 4, True)  # resumed, with nothing left to train
+    assert [resume for *_, resume in calls[4:]] == [False, False, False]
     for name in ("sweep.jsonl", "sweep.json", "law.json", "summary.txt", "isoflop.png", "fit.png"):
         assert (out / name).stat().st_size > 0, name
     for name in ("isoflop.png", "fit.png"):
@@ -316,55 +339,27 @@ def test_sweep_cli_end_to_end_then_a_rerun_trains_nothing(tmp_path, tiny_sweep_d
         assert p["flops_counted"] > p["flops"]  # the output projection and attention come on top of 6ND
         assert p["params"] == scaling.non_embedding_params(model_shape(p["width"]))
         assert math.isfinite(p["loss"]) and 0 < p["loss"] < 10
+    metrics = [json.loads(x) for x in (out / "runs/w16_s4/metrics.jsonl").read_text().splitlines()]
+    assert points[2]["loss"] == [m["val_loss"] for m in metrics if m.get("kind") == "eval"][-1]
     law = ScalingLaw.load(out / "law.json")
     assert law.fitted_on["points"] == 6
     assert "fit (Chinchilla approach 3, 6 runs" in printed
     assert (out / "summary.txt").read_text() in printed  # what is printed is what is kept
 
-    monkeypatch.setattr("lmlab.train.pretrain.pretrain", _must_not_train)
+    monkeypatch.setattr(pretrain_module, "pretrain", _must_not_train)
     assert main(args) == 0
     assert _records(out) == points
     assert ScalingLaw.load(out / "law.json") == law
-    assert tiny_sweep_data == ["synthetic", "synthetic"]
+    assert tiny_sweep_data == ["synthetic"] * 3
 
 
 def _must_not_train(*args, **kwargs):
     raise AssertionError("a finished run was trained again")
 
 
-def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path, tiny_data, tiny_sweep_data, monkeypatch):
-    """Ctrl-C during a run: the loop checkpoints and returns interrupted; the sweep stops without a
-    record for it, and the next sweep resumes that run from its checkpoint instead of starting over."""
-    from lmlab.train import pretrain as pretrain_module
-
-    real, calls = pretrain_module.pretrain, []
-
-    def interrupted_third_run(cfg, *, resume=False, overwrite=False, progress=True):
-        calls.append((cfg.model.d_model, cfg.train.steps, resume))
-        result = real(cfg, resume=resume, overwrite=overwrite, progress=progress)
-        if len(calls) == 3:  # as if the signal came at the last step: a checkpoint, no record
-            result.interrupted = True
-        return result
-
-    monkeypatch.setattr(pretrain_module, "pretrain", interrupted_third_run)
-    recipe = json.loads(json.dumps(TINY_RECIPE))
-    result = sweep(tmp_path, recipe, progress=False, **GRID)
-    assert result.interrupted and result.law is None
-    assert [(p["width"], p["steps"]) for p in result.points] == [(16, 2), (16, 3)]
-    assert not (tmp_path / "law.json").exists()
-
-    result = sweep(tmp_path, recipe, progress=False, **GRID)
-    assert not result.interrupted and len(result.points) == 6
-    assert calls[3] == (16, 4, True)  # resumed, with nothing left to train
-    assert all(not resume for *_, resume in calls[4:])
-    resumed = result.points[2]
-    metrics = [json.loads(x) for x in (tmp_path / "runs/w16_s4/metrics.jsonl").read_text().splitlines()]
-    assert resumed["loss"] == [m["val_loss"] for m in metrics if m.get("kind") == "eval"][-1]
-
-
-
 def test_a_sweep_directory_keeps_one_recipe(tmp_path, tiny_sweep_data):
-    scaling._check_sweep_dir(tmp_path, TINY_RECIPE, "synthetic", 512, overwrite=False)
+    meta = scaling._check_sweep_dir(tmp_path, TINY_RECIPE, "synthetic", 512, overwrite=False)
+    (tmp_path / "sweep.json").write_text(json.dumps(meta))
     (tmp_path / "sweep.jsonl").write_text('{"width": 16}\n')
     (tmp_path / "runs" / "w16_s2").mkdir(parents=True)
     scaling._check_sweep_dir(tmp_path, TINY_RECIPE, "synthetic", 512, overwrite=False)  # the same: kept
@@ -375,9 +370,8 @@ def test_a_sweep_directory_keeps_one_recipe(tmp_path, tiny_sweep_data):
                                 (TINY_RECIPE, "synthetic", 1024)):
         with pytest.raises(ValueError, match="another base recipe or data set.*--overwrite"):
             sweep(tmp_path, recipe, data=data, vocab_size=vocab, progress=False, **GRID)
-    scaling._check_sweep_dir(tmp_path, other, "synthetic", 512, overwrite=True)
+    assert scaling._check_sweep_dir(tmp_path, other, "synthetic", 512, overwrite=True)["recipe"] == other
     assert not (tmp_path / "sweep.jsonl").exists() and not (tmp_path / "runs").exists()
-    assert json.loads((tmp_path / "sweep.json").read_text())["recipe"] == other
 
 
 @pytest.mark.parametrize("change, grid, match", [
