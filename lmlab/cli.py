@@ -1018,6 +1018,18 @@ def add_scaling_commands(sub) -> None:
     w.set_defaults(func=cmd_scaling_sweep)
 
 
+def add_sft_command(sub) -> None:
+    """`lmlab sft`: supervised fine-tuning (lmlab/tune/sft.py)."""
+
+
+def add_adapter_commands(sub) -> None:
+    """`lmlab adapter ...`: inspect, merge and export adapters (lmlab/tune/lora.py)."""
+
+
+def add_distill_command(sub) -> None:
+    """`lmlab distill`: knowledge distillation (lmlab/tune/distill.py)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmlab",
@@ -1099,6 +1111,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     add_speedrun_command(sub)
     add_scaling_commands(sub)
+    add_sft_command(sub)
+    add_adapter_commands(sub)
+    add_distill_command(sub)
     return parser
 
 
