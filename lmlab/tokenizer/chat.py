@@ -431,3 +431,12 @@ def _render(tokenizer, messages, add_generation_prompt, tools, template) -> tupl
         spans = _assistant_spans(template, tokenizer, messages, tools, text)
     mask = _assistant_mask(tokenizer, text, ids, spans) if spans else [0] * len(ids)
     return ids, mask
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn, for generation: the tokenizer's end-of-sequence ids (a Hugging Face
+    checkpoint lists its end-of-turn token there, e.g. Llama 3's <|eot_id|>) and lmlab's own template's <|end|>
+    when the tokenizer has it."""
+    ids = list(tokenizer.eos_ids)
+    end = getattr(tokenizer, "special_tokens", {}).get(END)
+    return ids + ([end] if end is not None and end not in ids else [])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +94,13 @@ def _tuples(x: Any) -> Any:  # torch.load may give lists where random.setstate w
 # --- save / load -------------------------------------------------------------------------------
 def save(path: str | Path, model: torch.nn.Module, train_state: dict[str, Any],
          tokenizer_files: Iterable[str | Path] = (), metadata: dict[str, Any] | None = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, write_model: Callable | None = None) -> Path:
     """Write a resumable checkpoint of an unsharded `model` (the plain Transformer, not a DDP
-    wrapper) atomically at `path`."""
+    wrapper) atomically at `path`. write_model(model, directory, tokenizer_files, metadata) writes
+    the weights (default: the whole model, `write_checkpoint_files`)."""
+    write_model = write_model or write_checkpoint_files
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        write_checkpoint_files(model, tmp, tokenizer_files, metadata)
+        write_model(model, tmp, [Path(p) for p in tokenizer_files], metadata)
         torch.save({"version": STATE_VERSION, **train_state}, tmp / TRAIN_STATE_FILE)
     return Path(path)
 

@@ -160,15 +160,16 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
                              "schedule": ScheduleConfig, "distributed": DistributedConfig}
 
 
-def _all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, kind in SECTIONS.items() for f in dataclasses.fields(kind)]
+def _all_keys(sections: dict[str, type] | None = None) -> list[str]:
+    return [f"{s}.{f.name}" for s, kind in (sections or SECTIONS).items() for f in dataclasses.fields(kind)]
 
 
-def _did_you_mean(key: str) -> str:
+def _did_you_mean(key: str, sections: dict[str, type] | None = None) -> str:
     leaf = key.rsplit(".", 1)[-1]
+    keys = _all_keys(sections)
     # a right field under the wrong section (train.betas -> optim.betas) first, then a typo
-    close = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
-    close = close or difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
 
 
@@ -214,12 +215,12 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _build(kind: type, values: dict[str, Any], prefix: str) -> Any:
+def _build(kind: type, values: dict[str, Any], prefix: str, sections: dict[str, type] | None = None) -> Any:
     hints = typing.get_type_hints(kind)
     names = {f.name for f in dataclasses.fields(kind)}
     for key in values:
         if key not in names:
-            raise ValueError(f"unknown setting {prefix}.{key}{_did_you_mean(f'{prefix}.{key}')}")
+            raise ValueError(f"unknown setting {prefix}.{key}{_did_you_mean(f'{prefix}.{key}', sections)}")
     checked = {k: _check_type(v, hints[k], f"{prefix}.{k}") for k, v in values.items()}
     try:
         return kind(**checked)
@@ -242,13 +243,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """The nested dict `d` with each "a.b=value" override set (a deep copy; `d` is unchanged)."""
+def apply_overrides(d: dict[str, Any], overrides: list[str], sections: dict[str, type] | None = None) -> dict[str, Any]:
+    """The nested dict `d` with each "a.b=value" override set (a deep copy; `d` is unchanged). `sections`: the
+    recipe's sections (default: pretraining's)."""
+    sections = sections or SECTIONS
     d = json.loads(json.dumps(d))
     for text in overrides:
         path, value = parse_override(text)
-        if path[0] not in SECTIONS:
-            raise ValueError(f"--set {text!r}: unknown section {path[0]!r}{_did_you_mean('.'.join(path))}")
+        if path[0] not in sections:
+            raise ValueError(f"--set {text!r}: unknown section {path[0]!r}{_did_you_mean('.'.join(path), sections)}")
         node = d
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -57,6 +57,22 @@ from .schedule import lr_multiplier
 Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
 Evaluate = Callable[[nn.Module], dict[str, Any]]
 
+
+class ModelIO:
+    """How a checkpoint holds the model's weights. The default writes the whole model (model.safetensors and
+    config.json, a checkpoint `lmlab generate` reads). A run that trains an adapter on a frozen base passes one
+    that writes only the adapter (tune/sft.py), so each checkpoint is megabytes, not the whole base again."""
+
+    def write(self, model: nn.Module, directory: Path, tokenizer_files: list[Path], metadata: dict[str, Any]) -> None:
+        from ..model.checkpoint import write_checkpoint_files
+
+        write_checkpoint_files(model, directory, tokenizer_files, metadata)
+
+    def read(self, model: nn.Module, directory: Path) -> None:
+        device = next(model.parameters()).device
+        weights = load_checkpoint(directory, device=device, dtype=torch.float32).state_dict()
+        model.load_state_dict(weights, strict=True)
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -169,7 +185,8 @@ def _grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Iterator, *,
           env: DistEnv | None = None, evaluate: Evaluate | None = None,
           tokenizer_files: Iterable[str | Path] = (), resume: bool = False, overwrite: bool = False,
-          progress: bool = True, desc: str = "train") -> RunResult:
+          progress: bool = True, desc: str = "train", model_io: ModelIO | None = None,
+          metadata: dict[str, Any] | None = None) -> RunResult:
     """Train `model` (a plain lmlab Transformer on its device, float32 master weights) on
     `batches` with `objective` for cfg.train.steps optimizer steps.
 
@@ -180,9 +197,12 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
     resume: continue from the newest checkpoint in cfg.train.out_dir (weights, optimizer, data
       position, RNG, step); the config may change (e.g. more steps), the model and data may not.
     overwrite: delete an existing run in out_dir first (without it an existing run is an error).
+    model_io: how checkpoints write and read the model (default: all of its weights; see ModelIO).
+    metadata: more JSON stored in every checkpoint's config beside the training config.
     """
     t = cfg.train
     device = next(model.parameters()).device
+    model_io = model_io or ModelIO()
     env = env or DistEnv(device=device)
     out_dir = Path(t.out_dir)
     tokenizer_files = [Path(p) for p in tokenizer_files]
@@ -195,9 +215,7 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
     sharded_start = start is not None and (start / "dcp").is_dir()  # written by FSDP / TP: reshards on load
     if start is not None and not sharded_start:  # whole weights: load them before any sharding
         state = ckpt.load_train_state(start)
-        weights = load_checkpoint(start, device=device, dtype=torch.float32).state_dict()
-        model.load_state_dict(weights, strict=True)
-        del weights
+        model_io.read(model, start)
     plain = model
     if t.activation_checkpointing:
         apply_activation_checkpointing(plain)
@@ -230,7 +248,7 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
     flops_per_step = flops_per_token(plain.cfg, cfg.data.seq_len) * tokens_per_step if hasattr(plain, "cfg") else 0
     peak = (t.peak_flops or (peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0))
     peak *= env.world_size
-    metadata = {"train_config": cfg.to_dict()}
+    metadata = {"train_config": cfg.to_dict(), **(metadata or {})}
 
     def save(at: int) -> Path:
         path = ckpt.checkpoint_dir(out_dir, at)
@@ -241,7 +259,8 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
         if env.sharded:
             distributed.save_sharded(path, plain, optimizer, train_state, tokenizer_files, metadata, env)
         elif env.is_main:
-            ckpt.save(path, plain, train_state, tokenizer_files, {**metadata, "step": at}, overwrite=True)
+            ckpt.save(path, plain, train_state, tokenizer_files, {**metadata, "step": at}, overwrite=True,
+                      write_model=model_io.write)
         distributed.barrier(env)
         if env.is_main:
             ckpt.rotate(out_dir, t.keep_last)

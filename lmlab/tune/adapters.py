@@ -224,6 +224,15 @@ def save_adapter(model: nn.Module, path: str | Path, cfg: AdapterConfig, *, name
     """Write the adapter `name` of `model` as a directory: adapter_model.safetensors (its tensors under
     adapter-independent names, "<name>" replaced by "default") and adapter_config.json (the method's config,
     the base model it was trained on, free-form metadata). Atomic: a crash never leaves half an adapter."""
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        write_adapter_files(model, tmp, cfg, name=name, base=base, metadata=metadata)
+    return Path(path)
+
+
+def write_adapter_files(model: nn.Module, directory: str | Path, cfg: AdapterConfig, *, name: str = DEFAULT_NAME,
+                        base: str | None = None, metadata: dict[str, Any] | None = None) -> None:
+    """save_adapter's files, written into an existing `directory` without atomicity (for use inside
+    `atomic_directory`, as training checkpoints do)."""
     from safetensors.torch import save_file
 
     tensors = adapter_state_dict(model, name)
@@ -232,10 +241,12 @@ def save_adapter(model: nn.Module, path: str | Path, cfg: AdapterConfig, *, name
     tensors = {_rename(k, name, DEFAULT_NAME): t for k, t in tensors.items()}
     config = {"format": FORMAT, "version": FORMAT_VERSION, "adapter": cfg.to_dict(), "base_model": base,
               "metadata": dict(metadata or {})}
-    with atomic_directory(path, overwrite=overwrite) as tmp:
-        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    return Path(path)
+    try:
+        text = json.dumps(config, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"adapter metadata must be plain JSON values: {e}") from e
+    save_file(tensors, Path(directory) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (Path(directory) / ADAPTER_CONFIG).write_text(text)
 
 
 def read_adapter_config(path: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
