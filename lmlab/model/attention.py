@@ -7,9 +7,15 @@ Two implementations of the same math:
   memory-efficient kernels where the hardware has them. Soft-capping cannot be expressed through
   it, so soft-capped layers always use the reference path.
 - "reference": the textbook softmax(Q K^T * scale + bias + mask) V in float32, the oracle in tests.
+
+`Attention.prefix` is an optional hook for prefix tuning (tune/prefix.py): when set, the learned keys and
+values it returns are put before the sequence's own, after RoPE and after the KV cache update (so the cache never
+holds them), and every query sees them. Unset (the default), the code path is the plain one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +61,25 @@ def reference_attention(q, k, v, mask, scale: float, softcap: float | None = Non
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
 
 
+def prepend_prefix(k_prefix: torch.Tensor, v_prefix: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None, alibi: torch.Tensor | None, n_q: int):
+    """Put P learned keys/values (B, n_kv_heads, P, head_dim) before the keys/values k, v (B, n_kv_heads, n_k,
+    head_dim), and widen the mask and the ALiBi bias by P leading columns that every query sees: a prefix has
+    no position, so no causal or window limit and no ALiBi distance. A mask of None (plain causal from slot 0,
+    or a single query that sees everything) is made explicit first, since with the prefix the keys outnumber
+    the queries and the kernel's `is_causal` would align the triangle wrongly. Returns (k, v, mask, alibi)."""
+    P = k_prefix.shape[2]
+    if mask is None and n_q > 1:
+        mask = causal_mask(0, n_q, k.shape[2], None, None, k.device)
+    if mask is not None:
+        mask = torch.cat((mask.new_ones(*mask.shape[:-1], P), mask), dim=-1)
+    if alibi is not None:
+        alibi = torch.cat((alibi.new_zeros(*alibi.shape[:-1], P), alibi), dim=-1)
+    k = torch.cat((k_prefix.to(k.dtype), k), dim=2)
+    v = torch.cat((v_prefix.to(v.dtype), v), dim=2)
+    return k, v, mask, alibi
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -64,6 +89,9 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
         self.softcap = cfg.attn_softcap
         self.impl = "sdpa"
+        # Prefix tuning's hook: batch size -> (keys, values), each (B, n_kv_heads, P, head_dim), or None for no
+        # prefix. tune/prefix.py installs an nn.Module (LayerPrefix), so the prefixes are the model's parameters.
+        self.prefix: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -87,6 +115,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
 
         mask = masks[self.window]  # None: plain causal from slot 0, or one query seeing everything
+        prefix = self.prefix(B) if self.prefix is not None else None
+        if prefix is not None:
+            k, v, mask, alibi = prepend_prefix(*prefix, k, v, mask, alibi, T)
         if mask is None and T > 1 and (self.impl == "reference" or self.softcap is not None or alibi is not None):
             mask = causal_mask(0, T, T, None, None, x.device)
         if self.impl == "reference" or self.softcap is not None:
