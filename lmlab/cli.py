@@ -64,6 +64,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     model = load(args.model, device=device, dtype=_dtype(args.dtype, device)).eval()
+    if args.adapter:
+        from lmlab.tune.adapters import load_adapter
+
+        if not Path(args.adapter).is_dir():
+            raise UsageError(f"--adapter {args.adapter} is not a directory")
+        load_adapter(model, args.adapter)
+        model.eval()
     tokenizer = load_tokenizer(args.model)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
         raise UsageError(
@@ -80,13 +87,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{args.model} has no tokenizer file (tokenizer.json); pass token ids with --ids "
             "or copy the tokenizer files into the checkpoint directory"
         )
+    elif args.chat:
+        prompt = tokenizer.render_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)[0]
     else:
         prompt = tokenizer.encode(args.prompt, add_special_tokens=True)  # bos where the tokenizer adds one
     if not prompt:
         raise UsageError("the prompt is empty; give some text with --prompt or ids with --ids")
     stop_ids = list(args.stop_id or [])
     if tokenizer is not None and not args.ignore_eos:
-        stop_ids += tokenizer.eos_ids
+        from lmlab.tokenizer.chat import end_of_turn_ids
+
+        stop_ids += end_of_turn_ids(tokenizer) if args.chat else tokenizer.eos_ids
     try:
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -854,9 +865,15 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
                          "leave almost no merges; use 512 or more")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; give a directory")
-    cfg = SpeedrunConfig(out=args.out, recipe=recipe, overrides=args.set or [], corpus_size=args.corpus,
-                         vocab_size=args.vocab_size, tokenizer_pattern=args.pattern,
-                         eval_problems=args.eval_problems, fresh=args.fresh, progress=not args.no_progress)
+    sft_recipe = Path(args.sft_recipe) if args.sft_recipe else default_recipe("sft-speedrun.toml")
+    if not sft_recipe.is_file():
+        raise UsageError(f"--sft-recipe {sft_recipe} does not exist")
+    if args.chat_problems < 1:
+        raise UsageError(f"--chat-problems must be at least 1, got {args.chat_problems}")
+    cfg = SpeedrunConfig(out=args.out, recipe=recipe, overrides=args.set or [], sft_recipe=sft_recipe,
+                         sft_overrides=args.sft_set or [], corpus_size=args.corpus, vocab_size=args.vocab_size,
+                         tokenizer_pattern=args.pattern, eval_problems=args.eval_problems,
+                         chat_problems=args.chat_problems, fresh=args.fresh, progress=not args.no_progress)
     try:
         report = speedrun(cfg)
     except KeyboardInterrupt:  # outside pretraining (which stops cleanly by itself): nothing half-written stays
@@ -869,25 +886,31 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 def add_speedrun_command(sub) -> None:
     p = sub.add_parser(
         "speedrun", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="the main job: corpus, tokenizer, pretraining, evaluation and a report card, in minutes",
-        description="From nothing to a trained small model and its report card, on a laptop CPU in about ten "
+        help="the main job: corpus, tokenizer, pretraining, SFT, evaluation and a report card, in minutes",
+        description="From nothing to a trained small chat model and its report card, on a laptop CPU in about ten "
                     "minutes: generate the synthetic corpus, train a BPE tokenizer, write token shards, pretrain "
-                    "a few-million-parameter model (recipes/speedrun.toml), evaluate it (validation loss, "
-                    "held-out arithmetic with and without worked steps, lookups, copying, story questions, "
-                    "samples) and write report.md, report.json and loss.png to --out. Stages whose inputs are "
-                    "unchanged are reused on a rerun; Ctrl-C during pretraining leaves a checkpoint that the "
-                    "next run resumes. SFT joins the pipeline with the fine-tuning stage. See docs/speedrun.md.",
+                    "a one-million-parameter model (recipes/speedrun.toml), fine-tune it on the synthetic chats "
+                    "(recipes/sft-speedrun.toml), evaluate (validation loss; held-out arithmetic with and without "
+                    "worked steps, lookups, copying, story questions; the same tasks as chats before and after "
+                    "SFT; forgetting; samples) and write report.md, report.json and loss.png to --out. Stages whose "
+                    "inputs are unchanged are reused on a rerun; Ctrl-C during training leaves a checkpoint that "
+                    "the next run resumes. See docs/speedrun.md.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/speedrun"),
                    help="directory for every stage's output and the report")
     p.add_argument("--recipe", default=None, help="pretraining recipe (default: recipes/speedrun.toml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. train.steps=1200 (repeatable; values are TOML)")
+    p.add_argument("--sft-recipe", default=None, help="fine-tuning recipe (default: recipes/sft-speedrun.toml)")
+    p.add_argument("--sft-set", action="append", metavar="KEY=VALUE",
+                   help="override a fine-tuning recipe setting, e.g. data.epochs=2 (repeatable)")
     p.add_argument("--corpus", default="small", choices=["tiny", "small", "medium"], help="synthetic corpus size")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary")
     p.add_argument("--pattern", default="digits", choices=["digits", "gpt4"],
                    help="tokenizer pre-tokenization: GPT-4's with single digits, or GPT-4's (up to 3 digits)")
     p.add_argument("--eval-problems", type=int, default=200, help="held-out problems per task (and arithmetic mode)")
+    p.add_argument("--chat-problems", type=int, default=50,
+                   help="held-out problems per task asked as chats, before and after SFT")
     p.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_speedrun)
@@ -1018,16 +1041,408 @@ def add_scaling_commands(sub) -> None:
     w.set_defaults(func=cmd_scaling_sweep)
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from lmlab.tune.sft import finetune, load_finetune_recipe
+
+    try:
+        cfg = load_finetune_recipe(args.recipe, args.set or [], model=args.model, data=args.data,
+                                   adapter=args.adapter)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    result = finetune(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                      log=print if main_rank else (lambda _: None))
+    if not main_rank:
+        return 0
+    return _finetune_summary(cfg, result)
+
+
+def _finetune_summary(cfg, result) -> int:
+    """What `lmlab sft` and `lmlab distill` print at the end; the exit code (130 when interrupted)."""
+    run = result.run
+    if run.interrupted:
+        print(f"interrupted at step {run.step}; checkpoint {run.checkpoint}. Continue with the same command and "
+              "--resume.", file=sys.stderr)
+        return 130
+    val = run.eval.get("val_loss")
+    print(f"done: {run.step} steps" + (f", train loss {run.loss:.4f}" if run.loss is not None else "")
+          + (f", held-out loss {val:.4f}" if val is not None else ""))
+    f = result.forgetting
+    if "after" in f:
+        print(f"forgetting: pretraining validation loss {f['before']:.4f} -> {f['after']:.4f} ({f['change']:+.4f})")
+    else:
+        print(f"forgetting: not measured ({f.get('skipped', 'interrupted')})")
+    if cfg.adapter is not None:
+        print(f"adapter: {run.checkpoint} (on {cfg.model.path}); merge it into a full checkpoint with "
+              f"lmlab adapter merge --model {cfg.model.path} --adapter {run.checkpoint} --out DIR")
+        print(f"try it: lmlab generate --model {cfg.model.path} --adapter {run.checkpoint} --chat --prompt 'Hello'")
+    else:
+        print(f"checkpoint: {run.checkpoint}")
+        print(f"try it: lmlab generate --model {run.checkpoint} --chat --prompt 'Hello'")
+    return 0
+
+
 def add_sft_command(sub) -> None:
     """`lmlab sft`: supervised fine-tuning (lmlab/tune/sft.py)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser(
+        "sft", formatter_class=fmt, help="supervised fine-tuning on chats or instructions (full, LoRA, QLoRA, ...)",
+        description="Fine-tune a checkpoint (lmlab or Hugging Face) on conversations: a .jsonl of chats "
+                    "({\"messages\": [...]}), an Alpaca/Dolly-style file (instruction/input/output), prompt/completion "
+                    "pairs, or a dataset name (synthetic, alpaca, alpaca:sample, dolly). Chats are rendered with the "
+                    "checkpoint's chat template, the loss is on the assistant's tokens only, and several "
+                    "conversations are packed into each row with attention kept inside each one. Full fine-tuning "
+                    "by default; --adapter trains a LoRA/DoRA/QLoRA/IA3/prefix adapter on the frozen base instead "
+                    "(its settings in the recipe's [adapter] section). Reports the held-out loss and the pretraining "
+                    "validation loss before and after (forgetting). A recipe (TOML: [model] [data] [adapter] [train] "
+                    "[optim] [schedule] [distributed], see recipes/sft-*.toml) is optional; --set overrides any "
+                    "setting. Ctrl-C saves a checkpoint; --resume continues exactly.",
+    )
+    p.add_argument("--model", help="the checkpoint to fine-tune (model.path)")
+    p.add_argument("--data", help="conversations: a .jsonl/.json file or a dataset name[:split] (data.train)")
+    p.add_argument("--adapter", choices=["lora", "rslora", "dora", "qlora", "ia3", "prefix"],
+                   help="train an adapter instead of all weights (default: full fine-tuning)")
+    p.add_argument("--recipe", help="TOML recipe (optional)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, e.g. train.lr=1e-4 or adapter.r=16 (repeatable; values are TOML)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    p.set_defaults(func=cmd_sft)
+
+
+def _adapter_dir(path: str) -> Path:
+    from lmlab.tune.adapters import ADAPTER_CONFIG
+
+    if not (Path(path) / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"--adapter {path} is not an adapter directory (no {ADAPTER_CONFIG}); give a directory "
+                         "written by save_adapter / `lmlab sft`, or a PEFT adapter")
+    return Path(path)
+
+
+def _lora_onto(model, adapter: Path, doing: str):
+    """Attach the LoRA adapter at `adapter` (lmlab's format or PEFT's) to `model`; refuse other methods first."""
+    from lmlab.tune.adapters import read_adapter_config
+    from lmlab.tune.lora import attach_adapter_dir, is_peft_adapter
+
+    if not is_peft_adapter(adapter):
+        cfg, _ = read_adapter_config(adapter)
+        if cfg.method != "lora":
+            raise UsageError(f"{adapter} is a {cfg.method} adapter; {doing} works on LoRA adapters only")
+    return attach_adapter_dir(model, adapter)
+
+
+def cmd_adapter_info(args: argparse.Namespace) -> int:
+    from lmlab.tune.lora import adapter_summary
+
+    info = adapter_summary(_adapter_dir(args.adapter))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value:,}" if isinstance(value, int) and not isinstance(value, bool)
+              else f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_adapter_merge(args: argparse.Namespace) -> int:
+    from lmlab.model import load, save_checkpoint
+    from lmlab.tokenizer import tokenizer_files
+    from lmlab.tune.lora import merge_and_unload
+
+    adapter = _adapter_dir(args.adapter)
+    model = load(args.model)
+    cfg = _lora_onto(model, adapter, "adapter merge")
+    merge_and_unload(model)
+    save_checkpoint(model, args.out, tokenizer_files=tokenizer_files(args.model), overwrite=args.overwrite,
+                    metadata={"merged_adapter": {"base": str(args.model), "adapter": str(adapter),
+                                                 "config": cfg.to_dict()}})
+    n = sum(p.numel() for p in model.parameters())
+    print(f"merged {adapter} into {args.model} -> {args.out} ({n:,} parameters)")
+    return 0
+
+
+def cmd_adapter_export_peft(args: argparse.Namespace) -> int:
+    from lmlab.model import load
+    from lmlab.tune.lora import export_peft, is_peft_adapter
+
+    adapter = _adapter_dir(args.adapter)
+    if is_peft_adapter(adapter):
+        raise UsageError(f"{adapter} is a PEFT adapter already")
+    model = load(args.model)
+    cfg = _lora_onto(model, adapter, "export-peft")
+    export_peft(model, args.out, cfg, base_model_name_or_path=args.base_name or str(args.model),
+                overwrite=args.overwrite)
+    print(f"wrote PEFT adapter {args.out} (load it with peft.PeftModel.from_pretrained(hf_model, {str(args.out)!r}))")
+    return 0
 
 
 def add_adapter_commands(sub) -> None:
     """`lmlab adapter ...`: inspect, merge and export adapters (lmlab/tune/lora.py)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    a = sub.add_parser(
+        "adapter", help="inspect, merge and export fine-tuning adapters (LoRA, DoRA, QLoRA, IA3, prefix)",
+        description="Adapters are the small trained part of a parameter-efficient fine-tune, saved apart from "
+                    "the frozen base model (adapter_config.json + adapter_model.safetensors). Inspect one, merge a "
+                    "LoRA adapter into its base to get a plain checkpoint, or export it in PEFT's format.",
+    )
+    asub = a.add_subparsers(dest="adapter_command", metavar="<command>", required=True)
+
+    i = asub.add_parser(
+        "info", formatter_class=fmt, help="method, rank, targets and parameter count of an adapter",
+        description="Print what an adapter directory holds, from its config and the safetensors header (no "
+                    "weights are read): the method (lora, dora, ia3, prefix), rank, alpha and scaling, target "
+                    "layers, the number of trainable parameters and the base model it was trained on. Reads "
+                    "lmlab adapters and PEFT LoRA adapters.",
+    )
+    i.add_argument("adapter", metavar="DIR", help="adapter directory")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=cmd_adapter_info)
+
+    m = asub.add_parser(
+        "merge", formatter_class=fmt, help="fold a LoRA adapter into its base and write a plain checkpoint",
+        description="Load the base model (lmlab or Hugging Face checkpoint), attach the LoRA/DoRA adapter (lmlab "
+                    "or PEFT format), fold it into the weights (W + s B A; DoRA: m (W + s B A) / ||W + s B A||) "
+                    "and write an ordinary lmlab checkpoint with the base's tokenizer files: it generates exactly "
+                    "as base + adapter did, with no adapter overhead. A QLoRA adapter is merged into the "
+                    "dequantized 4-bit base it was trained against. Written atomically.",
+    )
+    m.add_argument("--model", required=True, help="base checkpoint directory (lmlab or Hugging Face)")
+    m.add_argument("--adapter", required=True, help="adapter directory (lmlab or PEFT LoRA)")
+    m.add_argument("--out", required=True, help="checkpoint directory to write")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.set_defaults(func=cmd_adapter_merge)
+
+    e = asub.add_parser(
+        "export-peft", formatter_class=fmt, help="write an lmlab LoRA adapter in PEFT's format",
+        description="Write an lmlab LoRA/DoRA adapter as a PEFT adapter directory (adapter_config.json, "
+                    "adapter_model.safetensors with PEFT's tensor names) that peft.PeftModel.from_pretrained loads "
+                    "onto the Hugging Face version of the base (`lmlab convert --to-hf` makes one from an lmlab "
+                    "checkpoint). Layers that Hugging Face stores fused (GPT-2's c_attn, Phi-3's qkv_proj) cannot "
+                    "be exported and are refused.",
+    )
+    e.add_argument("--model", required=True, help="base checkpoint directory the adapter was trained on")
+    e.add_argument("--adapter", required=True, help="lmlab adapter directory")
+    e.add_argument("--out", required=True, help="PEFT adapter directory to write")
+    e.add_argument("--base-name", default=None,
+                   help="base_model_name_or_path recorded for PEFT (e.g. the hub id); default: --model")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.set_defaults(func=cmd_adapter_export_peft)
+
+
+# --- distill ---------------------------------------------------------------------------------
+
+TEACHER_DATA = "teacher_data.jsonl"  # sequence-level distillation: the teacher's answers, in OUT
+TEACHER_DATA_INFO = "teacher_data.json"  # what they were generated from, so a rerun reuses only matching ones
+HELD_OUT_DATA = "held_out.jsonl"  # the conversations kept out of the teacher's data, with their original answers
+
+
+def _distill_config(args: argparse.Namespace):
+    """The fine-tuning config of a distillation run: the recipe, --set, --out (train.out_dir, default
+    runs/distill), the student as model.path and --data as data.train."""
+    from lmlab.train.config import read_recipe
+    from lmlab.tune.sft import resolve_finetune
+
+    for flag, path in (("--teacher", args.teacher), ("--student", args.student)):
+        if not Path(path).is_dir():
+            raise UsageError(f"{flag} {path} is not a directory; give an lmlab or Hugging Face checkpoint directory")
+    if args.recipe and not Path(args.recipe).is_file():
+        raise UsageError(f"--recipe {args.recipe} does not exist")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be positive, got {args.temperature}")
+    for flag, value in (("--alpha", args.alpha), ("--beta", args.beta)):
+        if not 0 <= value <= 1:
+            raise UsageError(f"{flag} must be in [0, 1], got {value}")
+    if args.generate_only and args.mode != "sequence":
+        raise UsageError("--generate-only writes the teacher's answers of --mode sequence; add --mode sequence")
+    recipe = read_recipe(args.recipe) if args.recipe else {}
+    train = recipe.setdefault("train", {})
+    train.setdefault("out_dir", "runs/distill")
+    if args.out:
+        train["out_dir"] = str(args.out)
+    return resolve_finetune(recipe, args.set or [], model=args.student, data=args.data, adapter=args.adapter)
+
+
+def _token_level_objective(args: argparse.Namespace, cfg, log):
+    """objective_factory for finetune: loads the teacher beside the student and distills its logits, after checking
+    that the two share a vocabulary."""
+    import torch
+
+    from lmlab.model import load, read_any_config
+    from lmlab.tokenizer import load_tokenizer
+    from lmlab.tune.distill import distill_objective, same_vocabulary, shared_vocab_size
+
+    student_tok, teacher_tok = load_tokenizer(args.student), load_tokenizer(args.teacher)
+    if student_tok is None:
+        raise UsageError(f"--student {args.student} has no tokenizer; fine-tuning renders chats with it")
+    hint = "; --mode sequence distills through the teacher's text and needs no shared vocabulary"
+    if teacher_tok is not None and not same_vocabulary(student_tok, teacher_tok):
+        raise UsageError(f"the tokenizers of --teacher {args.teacher} and --student {args.student} differ: token-level "
+                         f"distillation compares their next-token distributions id by id{hint}")
+    try:
+        shared_vocab_size(read_any_config(args.student).vocab_size, read_any_config(args.teacher).vocab_size,
+                          student_tok.vocab_size)
+    except ValueError as e:
+        raise UsageError(f"{e}{hint}") from None
+    template = getattr(student_tok, "chat_template", None)
+    if teacher_tok is not None and getattr(teacher_tok, "chat_template", None) != template:
+        log("note: teacher and student have different chat templates; the teacher reads the student's format")
+    # under autocast the teacher's matrix multiplies run in the low precision anyway: keep its weights there too
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+
+    def factory(model):
+        teacher = load(args.teacher, device=next(model.parameters()).device, dtype=dtype)
+        beta = f", beta {args.beta:g}" if args.loss == "jsd" else ""
+        log(f"teacher: {args.teacher} ({sum(p.numel() for p in teacher.parameters()):,} parameters); {args.loss}, "
+            f"temperature {args.temperature:g}, alpha {args.alpha:g}{beta}")
+        return distill_objective(teacher, args.loss, args.temperature, args.alpha, args.beta,
+                                 vocab_size=student_tok.vocab_size)
+
+    return factory
+
+
+def _sequence_level_data(args: argparse.Namespace, cfg, log) -> None:
+    """Write (or reuse) the teacher's answers to the training prompts in OUT and point cfg.data at them; the
+    held-out conversations keep their original answers, so the held-out loss measures the real task."""
+    from lmlab.atomic import atomic_file
+    from lmlab.model import load
+    from lmlab.tokenizer import load_tokenizer
+    from lmlab.train.distributed import pick_device
+    from lmlab.tune import chat_data
+    from lmlab.tune.distill import teacher_generations
+
+    out_dir = Path(cfg.train.out_dir)
+    data_file, info_file, held_file = out_dir / TEACHER_DATA, out_dir / TEACHER_DATA_INFO, out_dir / HELD_OUT_DATA
+    conversations = chat_data.load_conversations(cfg.data.train, system=cfg.data.system, limit=cfg.data.limit,
+                                                 progress=not args.no_progress)
+    validation = cfg.data.validation or chat_data.validation_spec(cfg.data.train)
+    if not validation:  # held out of the data itself, before the teacher sees any of it
+        conversations, held = chat_data.split_validation(conversations, cfg.data.val_fraction, cfg.train.seed)
+        validation = str(held_file) if held else "none"
+        text = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in held)
+        if held and not (held_file.is_file() and held_file.read_text(encoding="utf-8") == text):
+            with atomic_file(held_file, "w") as f:
+                f.write(text)
+    info = {"teacher": str(Path(args.teacher).resolve()), "data": cfg.data.train, "system": cfg.data.system,
+            "limit": cfg.data.limit, "validation": validation, "val_fraction": cfg.data.val_fraction,
+            "conversations": len(conversations), "max_new_tokens": args.max_new_tokens,
+            "temperature": args.gen_temperature, "seed": cfg.train.seed}
+    recorded = json.loads(info_file.read_text()) if info_file.is_file() else None
+    fresh = recorded is not None and data_file.is_file() and {k: recorded.get(k) for k in info} == info
+    if fresh and not args.overwrite:
+        log(f"using the teacher's answers in {data_file} ({recorded['written']:,} conversations; --overwrite "
+            "generates them again)")
+    elif args.resume:
+        raise UsageError(f"cannot resume: {data_file} is missing or was generated from other settings than this "
+                         "command's; resume with the command that started the run")
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("the teacher answers in one process: run this command once without torchrun and with "
+                         "--generate-only, then launch the training under torchrun")
+    else:
+        tokenizer = load_tokenizer(args.teacher)
+        if tokenizer is None:
+            raise UsageError(f"--teacher {args.teacher} has no tokenizer to render its prompts with")
+        device = pick_device(cfg.train.device)
+        teacher = load(args.teacher, device=device, dtype=_dtype("auto", str(device)))
+        how = "greedy" if args.gen_temperature == 0 else f"temperature {args.gen_temperature:g}"
+        log(f"teacher {args.teacher} answers {len(conversations):,} prompts ({how})")
+        try:
+            made = teacher_generations(teacher, tokenizer, conversations, data_file, args.max_new_tokens,
+                                       args.gen_temperature, args.gen_batch_size, seed=cfg.train.seed,
+                                       progress=not args.no_progress)
+        except ValueError as e:  # bad sampling settings, a conversation without a prompt
+            raise UsageError(str(e)) from None
+        del teacher
+        with atomic_file(info_file, "w") as f:  # written last: it vouches for a complete data file
+            f.write(json.dumps({**info, "written": made.written, "truncated": made.truncated, "empty": made.empty,
+                                "skipped": made.skipped}, indent=2) + "\n")
+        log(f"wrote {data_file}: {made.written:,} conversations ({made.truncated} cut at --max-new-tokens, "
+            f"{made.empty} empty answers, {made.skipped} prompts longer than the teacher's context left out)")
+    cfg.data.train, cfg.data.validation, cfg.data.system, cfg.data.limit = str(data_file), validation, "", 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from lmlab.tune.sft import finetune
+
+    try:
+        cfg = _distill_config(args)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    settings = {"mode": args.mode, "teacher": args.teacher, "loss": args.loss, "temperature": args.temperature,
+                "alpha": args.alpha, "beta": args.beta}
+    if args.print_config:
+        print(json.dumps({"distill": settings, **cfg.to_dict()}, indent=2))
+        return 0
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    log = print if main_rank else (lambda _: None)
+    factory = None
+    if args.mode == "sequence":
+        _sequence_level_data(args, cfg, log)
+        if args.generate_only:
+            return 0
+    else:
+        factory = _token_level_objective(args, cfg, log)
+    result = finetune(cfg, objective_factory=factory, resume=args.resume, overwrite=args.overwrite,
+                      progress=not args.no_progress, desc="distill", log=log)
+    if not main_rank:
+        return 0
+    return _finetune_summary(cfg, result)
 
 
 def add_distill_command(sub) -> None:
     """`lmlab distill`: knowledge distillation (lmlab/tune/distill.py)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser(
+        "distill", formatter_class=fmt, help="distill a teacher checkpoint into a smaller student",
+        description="Knowledge distillation through the fine-tuning pipeline (same data, packing, adapters, "
+                    "held-out loss and forgetting check as `lmlab sft`). --mode token (Hinton et al. 2015): the "
+                    "student is trained on the conversations of --data with loss alpha * D(teacher || student) + "
+                    "(1 - alpha) * cross-entropy on the data, D the temperature-scaled forward KL, reverse KL "
+                    "(MiniLLM) or generalized JSD (GKD, --beta weighting the teacher) of the next-token "
+                    "distributions at the assistant's tokens; the teacher runs beside the student, and both must "
+                    "share a tokenizer. --mode sequence (Kim & Rush 2016): the teacher first answers every training "
+                    "prompt (greedy by default), written to OUT/teacher_data.jsonl and reused on reruns, and the "
+                    "student is fine-tuned on those answers; any tokenizers work. Either checkpoint may be lmlab's "
+                    "or Hugging Face's. A fine-tuning recipe (see `lmlab sft`) is optional; --set overrides any "
+                    "setting. Ctrl-C saves a checkpoint; --resume continues exactly.",
+    )
+    p.add_argument("--teacher", required=True, metavar="DIR", help="the teacher checkpoint")
+    p.add_argument("--student", required=True, metavar="DIR", help="the student checkpoint to train (model.path)")
+    p.add_argument("--data", help="conversations: a .jsonl/.json file or a dataset name[:split] (data.train)")
+    p.add_argument("--mode", choices=["token", "sequence"], default="token",
+                   help="token: match the teacher's next-token distributions; sequence: train on its answers")
+    p.add_argument("--loss", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl",
+                   help="token mode: the divergence between teacher and student")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="token mode: both distributions are softened by it (the loss is scaled by its square)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="token mode: weight of distillation against the data's cross-entropy (1: pure distillation)")
+    p.add_argument("--beta", type=float, default=0.5,
+                   help="jsd: the teacher's weight in the mixture (0: forward KL, 1: reverse KL)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="sequence mode: longest answer of the teacher")
+    p.add_argument("--gen-temperature", type=float, default=0.0,
+                   help="sequence mode: sampling temperature of the teacher's answers (0: greedy)")
+    p.add_argument("--gen-batch-size", type=int, default=8, help="sequence mode: prompts answered at once")
+    p.add_argument("--generate-only", action="store_true",
+                   help="sequence mode: write the teacher's answers and stop (before torchrun, or to inspect them)")
+    p.add_argument("--adapter", choices=["lora", "rslora", "dora", "qlora", "ia3", "prefix"],
+                   help="train an adapter on the frozen student instead of all its weights")
+    p.add_argument("--recipe", help="fine-tuning TOML recipe (optional)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, e.g. train.steps=200 (repeatable; values are TOML)")
+    p.add_argument("--out", help="run directory: checkpoints, metrics and the teacher's data (train.out_dir; "
+                                 "default: the recipe's, else runs/distill)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: delete the run's checkpoints and generate the teacher's data again")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (metrics still go to metrics.jsonl)")
+    p.set_defaults(func=cmd_distill)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1051,6 +1466,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (encoded with the checkpoint's tokenizer)")
     src.add_argument("--ids", help="prompt as token ids, e.g. '1 2 3' (for checkpoints without a tokenizer)")
+    g.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user message through the chat template; stop at the end of the reply")
+    g.add_argument("--adapter", help="an adapter directory (lmlab sft --adapter ...) to load onto --model")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")

@@ -434,9 +434,14 @@ def _render(tokenizer, messages, add_generation_prompt, tools, template) -> tupl
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn, for generation: the tokenizer's end-of-sequence ids (a Hugging Face
-    checkpoint lists its end-of-turn token there, e.g. Llama 3's <|eot_id|>) and lmlab's own template's <|end|>
-    when the tokenizer has it."""
-    ids = list(tokenizer.eos_ids)
-    end = getattr(tokenizer, "special_tokens", {}).get(END)
-    return ids + ([end] if end is not None and end not in ids else [])
+    """Token ids that end an assistant turn, for generation: the tokenizer's eos ids plus the special token its
+    chat template closes an assistant message with (lmlab's <|end|>, ChatML's <|im_end|>, Llama 3's <|eot_id|>),
+    found by rendering a one-turn chat and reading the last token of the assistant's loss mask."""
+    stops = list(getattr(tokenizer, "eos_ids", None) or [])
+    ids, mask = render_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
+    # only a special token (one that decoding with skip_special_tokens drops) can be a stop: a template that
+    # closes turns with plain text ("\n") must not cut multi-line answers
+    if trained and trained[-1] not in stops and tokenizer.decode([trained[-1]], skip_special_tokens=True) == "":
+        stops.append(trained[-1])
+    return stops

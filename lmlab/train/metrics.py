@@ -119,6 +119,9 @@ def plot_losses(metrics: str | Path, out: str | Path, title: str = "") -> Path |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path = Path(metrics)
+    if not (path / METRICS_FILE if path.is_dir() else path).is_file():
+        return None  # a checkpoint saved before the first metrics line
     records = read_metrics(metrics)
     train = [r for r in records if r.get("kind") == "train" and "loss" in r]
     evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]

@@ -64,6 +64,16 @@ def to_messages(record: dict, system: str = "") -> list[dict]:
     return messages
 
 
+def prompt_of(messages: Sequence[dict]) -> list[dict]:
+    """Everything before the last assistant turn (the whole conversation when it has none): what a model is asked
+    to answer in place of the data's answer (held-out samples, a teacher's generations)."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+    prompt = [dict(m) for m in messages[:last]]
+    if not prompt:
+        raise ValueError("a conversation that starts with the assistant's answer has no prompt to answer")
+    return prompt
+
+
 def _read_file(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":

@@ -181,7 +181,7 @@ def _examples(n: int, seed: int = 0) -> list[Example]:
 
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         k = rng.randint(2, 30)
         ids = [rng.randrange(1, 300) for _ in range(k)]
         out.append(Example(ids, ids[1:] + [IGNORE]))
