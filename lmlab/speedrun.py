@@ -11,8 +11,8 @@ Stages, each writing under --out (default runs/speedrun/):
                    each digit from its own token instead of from inside "250"
     3. shards/     the pretraining text as token shards with a validation split
     4. pretrain/   a few-million-parameter model trained by recipes/speedrun.toml
-    5. sft         supervised fine-tuning on the synthetic instructions: arrives with the
-                   fine-tuning stage; until then the run stops after pretraining and says so
+    5. sft         supervised fine-tuning of the pretrained model on the synthetic chats
+                   (recipes/sft-speedrun.toml): it learns to answer in the chat format
     6. eval.json   validation loss and bits per byte, held-out arithmetic with and without
                    worked steps and held-out lookups, copying and story questions, each asked in
                    the pretraining text's own format (lmlab/evals/synthetic.py), sample completions
@@ -46,8 +46,6 @@ import torch
 from .atomic import atomic_file
 from .tokenizer.bpe import GPT4_PATTERN
 
-SFT_NOTE = ("SFT arrives with the fine-tuning stage (lmlab sft); until then the run stops after pretraining, so "
-            "the model evaluated below is a base model, prompted in its pretraining formats")
 # GPT-4's pre-tokenizer with every digit its own piece (instead of runs of up to three), so that
 # no merge ever spans two digits.
 DIGITS_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -56,9 +54,9 @@ STAGES_FILE = "stages.json"
 N_STAGES = 7
 
 
-def default_recipe() -> Path:
-    """recipes/speedrun.toml of this source tree (the package is installed from it)."""
-    return Path(__file__).resolve().parents[1] / "recipes" / "speedrun.toml"
+def default_recipe(name: str = "speedrun.toml") -> Path:
+    """recipes/<name> of this source tree (the package is installed from it)."""
+    return Path(__file__).resolve().parents[1] / "recipes" / name
 
 
 @dataclass
@@ -68,22 +66,26 @@ class SpeedrunConfig:
     out: Path = Path("runs/speedrun")
     recipe: Path = field(default_factory=default_recipe)
     overrides: list[str] = field(default_factory=list)  # --set section.field=value for the pretraining recipe
+    sft_recipe: Path = field(default_factory=lambda: default_recipe("sft-speedrun.toml"))
+    sft_overrides: list[str] = field(default_factory=list)  # --sft-set for the fine-tuning recipe
     corpus_size: str = "small"  # synthetic corpus preset: tiny (tests), small, medium
     vocab_size: int = 2048
     tokenizer_pattern: str = "digits"  # a key of TOKENIZER_PATTERNS
     val_fraction: float = 0.02  # of the pretraining documents, held out for validation loss
     eval_problems: int = 200  # held-out problems per task (and per mode for arithmetic)
+    chat_problems: int = 50  # held-out problems per task asked as a chat, before and after SFT
     fresh: bool = False  # delete `out` first and redo every stage
     progress: bool = True
     seed: int = 0  # corpus, shard split
 
     def __post_init__(self) -> None:
-        self.out, self.recipe = Path(self.out), Path(self.recipe)
+        self.out, self.recipe, self.sft_recipe = Path(self.out), Path(self.recipe), Path(self.sft_recipe)
         if self.tokenizer_pattern not in TOKENIZER_PATTERNS:
             raise ValueError(f"tokenizer_pattern={self.tokenizer_pattern!r}; choose one of "
                              f"{', '.join(TOKENIZER_PATTERNS)}")
-        if self.eval_problems < 1:
-            raise ValueError(f"eval_problems must be at least 1, got {self.eval_problems}")
+        if self.eval_problems < 1 or self.chat_problems < 1:
+            raise ValueError(f"eval_problems and chat_problems must be at least 1, got {self.eval_problems} and "
+                             f"{self.chat_problems}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -153,11 +155,14 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
     from .train.checkpoint import list_checkpoints
     from .train.config import load_recipe
     from .train.pretrain import pretrain
+    from .tune.sft import FORGETTING_FILE, finetune, load_finetune_recipe
 
     out = cfg.out
     # Check the recipe and --set overrides now rather than after three stages (the data, which
     # sets the vocabulary, does not exist yet: the tokenizer's size stands in for it).
     load_recipe(cfg.recipe, [f"model.vocab_size={cfg.vocab_size}", *cfg.overrides])
+    sft_settings = ["train.out_dir='sft'", *cfg.sft_overrides]
+    load_finetune_recipe(cfg.sft_recipe, sft_settings, model="base", data="chats.jsonl")
     if cfg.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,24 +223,55 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
     checkpoint = list_checkpoints(run_dir)[-1][1]
 
     # ---- 5. SFT ------------------------------------------------------------------------------
-    # The fine-tuning stage goes here: SFT of `checkpoint` on synth/sft/*.jsonl (chat format), as
-    # stage 5 with its own key and directory; evaluation then prompts the tuned model in chat form.
-    print(f"[5/{N_STAGES} sft] skipped: {SFT_NOTE}.", flush=True)
+    sft_dir = out / "sft"
+    sft_cfg = load_finetune_recipe(
+        cfg.sft_recipe, [f"train.out_dir='{sft_dir}'", f"data.validation='{synth / 'sft' / 'val.jsonl'}'",
+                         *cfg.sft_overrides], model=str(checkpoint), data=str(synth / "sft" / "train.jsonl"))
+    recipe = sft_cfg.to_dict()
+    for section, name in (("model", "path"), ("data", "train"), ("data", "validation"), ("train", "out_dir")):
+        del recipe[section][name]
+    key = _fingerprint("sft", key, recipe)
 
-    key = _fingerprint("eval", key, cfg.eval_problems, EVAL_VERSION)
+    def sft_finished() -> bool:
+        f = sft_dir / FORGETTING_FILE
+        return f.is_file() and "after" in json.loads(f.read_text()) and bool(list_checkpoints(sft_dir))
+
+    def tune(resuming: bool):
+        resume = resuming and bool(list_checkpoints(sft_dir))
+        if not resume and sft_dir.exists():
+            shutil.rmtree(sft_dir)
+        return finetune(sft_cfg, resume=resume, progress=cfg.progress, log=lambda line: print(f"  {line}"))
+
+    length = f"{sft_cfg.data.epochs:g} epochs" if sft_cfg.data.epochs else f"{sft_cfg.train.steps:,} steps"
+    result = stages.run(5, "sft", f"{sft_cfg.method} fine-tuning on {synth / 'sft' / 'train.jsonl'} ({length}) "
+                        f"-> {sft_dir}", key, [sft_dir], sft_finished, tune)
+    if result is not None and result.run.interrupted:
+        print(f"interrupted at step {result.run.step}: run `lmlab speedrun` again (same options) to resume from "
+              f"{result.run.checkpoint}")
+        return {"interrupted": True, "checkpoint": str(result.run.checkpoint)}
+    tuned = list_checkpoints(sft_dir)[-1][1]
+
+    key = _fingerprint("eval", key, cfg.eval_problems, cfg.chat_problems, EVAL_VERSION)
     eval_file = out / "eval.json"
 
     def run_eval(_: bool) -> None:
         numbers = evaluate(checkpoint, train_cfg, tokenizer, synth / "eval", shards, cfg.eval_problems,
                            progress=cfg.progress)
+        numbers["chat"] = evaluate_chat_before_after(checkpoint, tuned, tokenizer, synth / "eval",
+                                                     cfg.chat_problems, train_cfg.train.device, cfg.progress)
         with atomic_file(eval_file, "w") as f:
             json.dump(numbers, f, indent=2)
 
     stages.run(6, "evaluate", f"validation loss; held-out arithmetic, lookups, copying and story questions "
-               f"({cfg.eval_problems} problems each)", key, [eval_file], eval_file.is_file, run_eval)
+               f"({cfg.eval_problems} problems each); the chat tasks before and after SFT ({cfg.chat_problems} "
+               "each)", key, [eval_file], eval_file.is_file, run_eval)
 
     report = build_report(cfg, train_cfg, checkpoint, json.loads(eval_file.read_text()), stages.seconds(),
                           run_dir, shards)
+    report["sft"] = sft_summary(sft_dir, tuned, sft_cfg, json.loads(eval_file.read_text())["chat"])
+    report["commands"] = [f"lmlab generate --model {tuned} --chat --prompt 'Add 385 and 47.' --temperature 0",
+                          f"lmlab generate --model {tuned} --chat --prompt 'Write a story about a fox.' "
+                          "--temperature 0.7", *report["commands"]]
     from .train.metrics import plot_losses
 
     plot_losses(run_dir, out / "loss.png", title="speedrun: pretraining loss")
@@ -245,7 +281,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
         f.write(report_markdown(report))
     print(f"[7/{N_STAGES} report] {out / 'report.md'} (with report.json and loss.png)")
     print(_headline(report))
-    print("\ntry the model (a base model: it continues text in the corpus's formats):")
+    print("\ntry the models (the fine-tuned one answers chats; the base continues text in the corpus's formats):")
     for command in report["commands"]:
         print(f"  {command}")
     return report
@@ -291,6 +327,40 @@ def evaluate(checkpoint: Path, train_cfg, tokenizer, eval_dir: Path, shard_dir: 
     }
 
 
+def evaluate_chat_before_after(base: Path, tuned: Path, tokenizer, eval_dir: Path, limit: int, device: str,
+                               progress: bool) -> dict[str, Any]:
+    """The held-out tasks asked as chats, to the base model and to the fine-tuned one."""
+    from .evals.synthetic import evaluate_chat
+    from .model.checkpoint import load_checkpoint
+    from .train.distributed import pick_device
+
+    out = {}
+    for name, path in (("before", base), ("after", tuned)):
+        model = load_checkpoint(path, device=pick_device(device), dtype=torch.float32).eval()
+        with torch.no_grad():
+            out[name] = [r.to_dict() for r in evaluate_chat(model, tokenizer, eval_dir, limit=limit,
+                                                            max_new_tokens=160, progress=progress)]
+    return out
+
+
+def sft_summary(sft_dir: Path, tuned: Path, sft_cfg, chat: dict[str, Any]) -> dict[str, Any]:
+    """report.json's "sft": the run, its held-out loss, forgetting, and chat accuracy before and after."""
+    from .train.metrics import read_metrics
+    from .tune.sft import FORGETTING_FILE
+
+    records = read_metrics(sft_dir)
+    train_lines = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
+    mean = {k: sum(r["accuracy"] for r in rows) / max(len(rows), 1) for k, rows in chat.items()}
+    return {"checkpoint": str(tuned), "steps": train_lines[-1]["step"] if train_lines else 0,
+            "epochs": sft_cfg.data.epochs, "lr": sft_cfg.train.lr,
+            "final_train_loss": train_lines[-1]["loss"] if train_lines else None,
+            "held_out_loss": evals[-1]["val_loss"] if evals else None,
+            "forgetting": json.loads((sft_dir / FORGETTING_FILE).read_text()),
+            "chat_accuracy": {k: {r["task"]: r["accuracy"] for r in rows} for k, rows in chat.items()},
+            "chat_mean_accuracy": mean, "chat_tasks": chat}
+
+
 # --- the report card ------------------------------------------------------------------------------
 
 def build_report(cfg: SpeedrunConfig, train_cfg, checkpoint: Path, ev: dict[str, Any], seconds: dict[str, float],
@@ -311,7 +381,6 @@ def build_report(cfg: SpeedrunConfig, train_cfg, checkpoint: Path, ev: dict[str,
     by_mode = _by_mode(ev["arithmetic"] + ev["qa"])
     return {
         "checkpoint": str(checkpoint),
-        "sft": f"not yet: {SFT_NOTE}",
         "corpus": {"size": cfg.corpus_size, "train_tokens": shards.num_tokens("train"),
                    "val_tokens": shards.num_tokens("val"), "train_documents": shards.num_documents("train"),
                    "tokenizer_vocab": cfg.vocab_size, "tokenizer_pattern": cfg.tokenizer_pattern},
@@ -375,9 +444,11 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def _headline(r: dict[str, Any]) -> str:
     e, acc = r["eval"], r["eval"]["mean_accuracy"]
+    chat = r.get("sft", {}).get("chat_mean_accuracy", {})
     return (f"val loss {_fmt(e['val_loss'])} ({_fmt(e['val_bits_per_byte'])} bits/byte); arithmetic "
             f"{_pct(acc.get('worked', 0))} with worked steps, {_pct(acc.get('direct', 0))} direct; lookups/copying/"
-            f"story questions {_pct(acc.get('qa', 0))}; {r['total_seconds'] / 60:.1f} min in all")
+            f"story questions {_pct(acc.get('qa', 0))}; chat tasks {_pct(chat.get('before', 0))} before SFT, "
+            f"{_pct(chat.get('after', 0))} after; {r['total_seconds'] / 60:.1f} min in all")
 
 
 def report_markdown(r: dict[str, Any]) -> str:
@@ -436,10 +507,33 @@ def report_markdown(r: dict[str, Any]) -> str:
             ex = x["examples"][0]
             lines += [f"{x['task']}, {x['mode']} ({'right' if ex['correct'] else 'wrong'}):", "",
                       "```", ex["prompt"] + ex["completion"], "```", ""]
+    if "sft" in r:
+        s = r["sft"]
+        chat = {(x["task"], when): x for when, rows in s["chat_tasks"].items() for x in rows}
+        f = s["forgetting"]
+        lines += ["## After supervised fine-tuning", "",
+                  f"`{s['checkpoint']}`: {s['steps']:,} steps ({s['epochs']:g} epochs) of full fine-tuning on the "
+                  f"synthetic chats at lr {s['lr']:g}; final train loss {_fmt(s['final_train_loss'])}, held-out "
+                  f"chat loss {_fmt(s['held_out_loss'])}.", "",
+                  "Each held-out problem is the user's message in the chat template; the reply runs to the end of "
+                  "the turn and is checked by the corpus's verifier.", "",
+                  "| task | base model | after SFT |", "|---|---:|---:|",
+                  *[f"| {task} | {_pct(chat[(task, 'before')]['accuracy'])} | "
+                    f"{_pct(chat[(task, 'after')]['accuracy'])} ({chat[(task, 'after')]['correct']}/"
+                    f"{chat[(task, 'after')]['n']}) |" for task in s["chat_accuracy"]["after"]],
+                  f"| **mean** | **{_pct(s['chat_mean_accuracy']['before'])}** | "
+                  f"**{_pct(s['chat_mean_accuracy']['after'])}** |", ""]
+        if "after" in f:
+            lines += [f"Forgetting: pretraining validation loss {_fmt(f['before'])} before, {_fmt(f['after'])} after "
+                      f"({f['change']:+.3f}).", ""]
+        for x in s["chat_tasks"]["after"][:3]:
+            if x["examples"]:
+                ex = x["examples"][0]
+                lines += [f"{x['task']} ({'right' if ex['correct'] else 'wrong'}):", "", "```",
+                          f"user: {ex['prompt']}", f"assistant: {ex['completion']}", "```", ""]
     lines += ["## Time", "", "| stage | seconds |", "|---|---:|",
               *[f"| {name} | {sec:.1f} |" for name, sec in r["stage_seconds"].items()],
               f"| **total** | **{r['total_seconds']:.1f}** |", "",
-              f"Fine-tuning: {r['sft']}.", "",
               "## Try it", "", "```", *r["commands"], "```", ""]
     return "\n".join(lines)
 

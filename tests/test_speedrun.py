@@ -14,9 +14,13 @@ from lmlab.cli import main
 SETTINGS = ["train.steps=6", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=2",
             "model.d_ff=64", "data.seq_len=32", "train.batch_size=4", "schedule.warmup_steps=2", "train.eval_every=3",
             "train.save_every=2", "train.log_every=1", "train.sample_tokens=4", "train.threads=1"]
-TOY = ["--corpus", "tiny", "--vocab-size", "512", "--eval-problems", "5", "--no-progress",
-       *[arg for setting in SETTINGS for arg in ("--set", setting)]]
-STAGES = ("corpus", "tokenizer", "shards", "pretrain", "evaluate")
+SFT_SETTINGS = ["train.steps=4", "data.epochs=0", "data.seq_len=128", "schedule.warmup_steps=1",
+                "train.batch_size=4", "data.limit=100", "train.save_every=2", "train.sample_tokens=4",
+                "train.threads=1", "data.pretrain_val_batches=2"]
+TOY = ["--corpus", "tiny", "--vocab-size", "512", "--eval-problems", "5", "--chat-problems", "3", "--no-progress",
+       *[arg for setting in SETTINGS for arg in ("--set", setting)],
+       *[arg for setting in SFT_SETTINGS for arg in ("--sft-set", setting)]]
+STAGES = ("corpus", "tokenizer", "shards", "pretrain", "sft", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +45,18 @@ def test_every_artifact_of_the_report_card_is_written(toy_run):
     out, printed = toy_run
     for i, stage in enumerate(["corpus", "tokenizer", "shards", "pretrain", "sft", "evaluate", "report"], 1):
         assert f"[{i}/7 {stage}]" in printed, stage
-    assert "SFT arrives with the fine-tuning stage" in printed
-    assert "lmlab generate --model" in printed and "step_00000006" in printed
+    assert "pretraining validation loss before fine-tuning" in printed
+    assert "lmlab generate --model" in printed and "step_00000006" in printed and "--chat" in printed
     for name in ("report.md", "report.json", "loss.png", "eval.json", "stages.json", "synth/manifest.json",
                  "tokenizer/tokenizer.json", "shards/meta.json", "pretrain/metrics.jsonl",
-                 "pretrain/checkpoints/step_00000006/model.safetensors"):
+                 "pretrain/checkpoints/step_00000006/model.safetensors", "sft/forgetting.json", "sft/metrics.jsonl",
+                 "sft/checkpoints/step_00000004/model.safetensors"):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (out / "report.md").read_text()
     for heading in ("report card", "## Model and training", "## Held-out arithmetic", "## Other held-out tasks",
                     "## Samples", "## Time", "![loss](loss.png)", "| add | ", "| **mean** |", "| kv | ",
+                    "## After supervised fine-tuning", "| format | ", "Forgetting: pretraining validation loss",
                     "step_00000006"):
         assert heading in card, heading
 
@@ -80,7 +86,13 @@ def test_the_numbers_are_consistent(toy_run):
     assert [s["prompt"] for s in e["samples"]] == r["config"]["recipe"]["train"]["sample_prompts"]
     assert set(r["stage_seconds"]) == set(STAGES) and all(s > 0 for s in r["stage_seconds"].values())
     assert r["total_seconds"] == pytest.approx(sum(r["stage_seconds"].values()))
-    assert r["sft"].startswith("not yet")
+    s = r["sft"]
+    assert s["steps"] == 4 and s["checkpoint"].endswith("step_00000004") and s["held_out_loss"] > 0
+    assert set(s["forgetting"]) >= {"before", "after", "change"}
+    for when in ("before", "after"):
+        rows = s["chat_tasks"][when]
+        assert {x["task"] for x in rows} == {"add", "sub", "mul", "kv", "copy", "story_qa", "format"}
+        assert all(x["n"] <= 3 and x["accuracy"] == s["chat_accuracy"][when][x["task"]] for x in rows)
 
 
 def test_a_rerun_reuses_every_stage_and_a_changed_setting_redoes_only_what_follows_it(toy_run, tmp_path):
@@ -99,11 +111,16 @@ def test_a_rerun_reuses_every_stage_and_a_changed_setting_redoes_only_what_follo
     assert "[4/7 pretrain] its inputs changed since the last run" in printed
     assert json.loads((out / "report.json").read_text())["eval"]["val_loss"] != before["eval"]["val_loss"]
 
-    code, printed = _speedrun(out, "--set", "train.lr=1e-3", "--eval-problems", "3")
-    assert code == 0 and printed.count("complete, reused") == 4  # only the evaluation is redone
+    code, printed = _speedrun(out, "--set", "train.lr=1e-3", "--sft-set", "train.lr=5e-4")
+    assert code == 0 and printed.count("complete, reused") == 4  # SFT and the evaluation are redone
+    assert "[5/7 sft] its inputs changed" in printed
+
+    code, printed = _speedrun(out, "--set", "train.lr=1e-3", "--sft-set", "train.lr=5e-4", "--eval-problems", "3")
+    assert code == 0 and printed.count("complete, reused") == 5  # only the evaluation is redone
     assert json.loads((out / "report.json").read_text())["eval"]["tasks"][0]["n"] == 3
 
-    code, printed = _speedrun(out, "--set", "train.lr=1e-3", "--eval-problems", "3", "--fresh")
+    code, printed = _speedrun(out, "--set", "train.lr=1e-3", "--sft-set", "train.lr=5e-4", "--eval-problems", "3",
+                              "--fresh")
     assert code == 0 and "reused" not in printed
 
 
@@ -127,12 +144,12 @@ def test_an_interrupted_pretraining_resumes_where_it_stopped(toy_run, tmp_path, 
     assert code == 130 and "interrupted at step 3" in printed and "run `lmlab speedrun` again" in printed
     assert not (out / "report.md").exists()
     stages = json.loads((out / "stages.json").read_text())
-    assert stages["pretrain"]["complete"] is False and "evaluate" not in stages
+    assert stages["pretrain"]["complete"] is False and "sft" not in stages and "evaluate" not in stages
 
     monkeypatch.setattr(pretrain_module, "next_token", original)
     code, printed = _speedrun(out)
     assert code == 0 and "[4/7 pretrain]" in printed and "(resuming)" in printed
-    assert printed.count("complete, reused") == 3
+    assert printed.count("complete, reused") == 3 and "[5/7 sft]" in printed
     resumed = json.loads((out / "report.json").read_text())
     uninterrupted = json.loads((toy_run[0] / "report.json").read_text())
     assert resumed["training"]["final_train_loss"] == uninterrupted["training"]["final_train_loss"]

@@ -255,3 +255,49 @@ def mean_accuracy(results: Sequence[TaskResult], mode: str) -> float:
     """The unweighted mean over tasks of one mode's accuracies (0 when there are none)."""
     values = [r.accuracy for r in results if r.mode == mode]
     return sum(values) / len(values) if values else 0.0
+
+
+# --- after fine-tuning: the same tasks as a chat ---------------------------------------------------
+
+CHAT_TASKS = ("add", "sub", "mul", "kv", "copy", "story_qa", "format")
+
+
+def evaluate_chat(model, tokenizer, eval_dir: str | Path, *, tasks: Sequence[str] = CHAT_TASKS,
+                  limit: int | None = 200, max_new_tokens: int = 192, batch_size: int = 64, n_examples: int = 3,
+                  progress: bool = False) -> list[TaskResult]:
+    """Greedy accuracy on the held-out problems asked as a chat: the problem is the user's message, rendered with
+    the tokenizer's chat template and the assistant's header; the reply runs to the end of the turn and is
+    scored by `verify` (a worked reply counts by its `Answer:` line). This is the format supervised fine-tuning
+    teaches (the corpus's sft split asks the same kinds of problems); a base model that never saw the template
+    scores near zero here, which is the point of measuring before and after. A problem whose prompt leaves no
+    room to answer in the model's context is left out before the first `limit` are taken. Mode "chat"."""
+    from ..infer.generate import generate
+    from ..infer.sampling import SamplingParams
+    from ..tokenizer.chat import end_of_turn_ids
+
+    context = model.cfg.max_seq_len
+    asked: list[tuple[str, dict[str, Any], list[int]]] = []
+    for task in tasks:
+        items = []
+        for item in _read_items(eval_dir, task, None):
+            ids = tokenizer.render_chat([{"role": "user", "content": item["prompt"]}], add_generation_prompt=True)[0]
+            if len(ids) < context:
+                items.append((task, item, ids))
+        asked += items[:limit]
+    order = sorted(range(len(asked)), key=lambda i: len(asked[i][2]))
+    replies = [""] * len(asked)
+    stop_ids = end_of_turn_ids(tokenizer)
+    for start in tqdm(range(0, len(order), batch_size), desc="chat", unit="batch", disable=not progress):
+        rows = order[start:start + batch_size]
+        room = context - max(len(asked[i][2]) for i in rows)
+        params = SamplingParams(max_new_tokens=min(max_new_tokens, room), temperature=0.0, stop_token_ids=stop_ids)
+        for i, c in zip(rows, generate(model, [asked[i][2] for i in rows], params, decode=tokenizer.decode),
+                        strict=True):
+            replies[i] = c.text.strip()
+    results = []
+    for task in tasks:
+        rows = [i for i, (t, _, _) in enumerate(asked) if t == task]
+        right = [verify(task, asked[i][1]["prompt"], replies[i]) for i in rows]
+        results.append(_result(task, "chat", [asked[i][1]["prompt"] for i in rows], [replies[i] for i in rows],
+                               right, [bool(replies[i]) for i in rows], n_examples))
+    return results
