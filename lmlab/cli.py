@@ -1104,7 +1104,7 @@ def add_sft_command(sub) -> None:
     p.add_argument("--model", help="the checkpoint to fine-tune (model.path)")
     p.add_argument("--data", help="conversations: a .jsonl/.json file or a dataset name[:split] (data.train)")
     p.add_argument("--adapter", choices=["lora", "rslora", "dora", "qlora", "ia3", "prefix"],
-                   help="train an adapter instead of all weights (default: full fine-tuning)")
+                   help="train an adapter instead of all weights (None: full fine-tuning)")
     p.add_argument("--recipe", help="TOML recipe (optional)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting, e.g. train.lr=1e-4 or adapter.r=16 (repeatable; values are TOML)")

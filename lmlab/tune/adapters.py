@@ -15,19 +15,23 @@ Every adapter parameter's name contains one of `ADAPTER_MARKERS`, so the frozen 
 are told apart by name alone, and an adapter is saved as just those tensors: `adapter_model.safetensors` plus
 `adapter_config.json` (this module's format; tune/lora.py also exports LoRA adapters in PEFT's format).
 
-Several adapters can live on one base under different names; `apply_adapter(..., name=...)` adds one,
-`load_adapter(model, dir, name=...)` loads one.
+Several adapters can live on one base under different names, of one method or of several; `apply_adapter(...,
+name=...)` adds one, `load_adapter(model, dir, name=...)` loads one. Each method's layers derive from
+`AdapterLayer`, so the bookkeeping is written once, here, for all of them: `adapter_names`, `active_adapters`,
+`set_active` (which adapters run), `route` (a different adapter per row of a batch), `remove_adapter`, and the
+plumbing of the methods' `merge` / `merge_and_unload`. The method files keep only their own math.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -190,6 +194,235 @@ def freeze_base(model: nn.Module) -> None:
     """requires_grad=False on everything but adapter parameters."""
     for key, p in model.named_parameters():
         p.requires_grad_(is_adapter_param(key))
+
+
+# --- adapter layers: the bookkeeping every method shares --------------------------------------------
+class AdapterLayer(nn.Module):
+    """A module that carries any number of named adapters of one method (LoRALinear, IA3Linear, LayerPrefix).
+
+    This class holds what the model-level functions below read and write, the same for every method: `active`
+    (the adapters that run, in order), `merged` (those folded into the base weights), `base_layer` (the module
+    it wraps, or None when it wraps nothing: it then just goes away once empty), and the per-row routing that
+    `route` installs. A subclass brings the math: `adapters`, `remove_adapter`, a forward that honours `active`
+    (and `route_plan` when `routable`), and, when its adapters can be folded into the base, `merge` /
+    `unmerge`."""
+
+    label: ClassVar[str] = "adapter"  # the method's name in messages: "no LoRA adapter called ..."
+    routable: ClassVar[bool] = True  # whether `route` can give each row of a batch its own adapter
+
+    def __init__(self, base_layer: nn.Module | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.active: tuple[str, ...] = ()  # the adapters that run
+        self.merged: tuple[str, ...] = ()  # the adapters folded into base_layer's weights
+        self._routes: tuple[int, Any] | None = None  # set by `route`: (rows, this class's `plan_routes`)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters this layer has, in the order they were added."""
+        raise NotImplementedError
+
+    def remove_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def merge(self, names: Sequence[str]) -> None:
+        raise ValueError(f"{self.label} adapters cannot be merged into the base weights")
+
+    def unmerge(self) -> None:
+        pass
+
+    def can_unmerge(self) -> bool:
+        return True
+
+    @classmethod
+    def plan_routes(cls, rows: list[str | None], device: torch.device) -> Any:
+        """What this kind of layer needs to route `rows` (one adapter name or None per row), computed once
+        for all the model's layers of the kind; by default the names themselves."""
+        return rows
+
+    @classmethod
+    def remove_from_model(cls, model: nn.Module, name: str) -> None:
+        """Drop what the adapter `name` keeps on the model itself, outside its layers (nothing by default)."""
+
+    def route_plan(self, batch_size: int) -> Any:
+        """The routing plan `route` installed, checked against the batch the layer is given."""
+        n_rows, plan = self._routes
+        if batch_size != n_rows:
+            raise ValueError(f"route() was given {n_rows} rows, but the batch has {batch_size}")
+        return plan
+
+
+Kind = type[AdapterLayer]
+
+
+def adapter_layers(model: nn.Module, kind: Kind | None = None) -> dict[str, AdapterLayer]:
+    """Every adapter layer of `model` (only those of class `kind`, when given), by module name, in model order."""
+    kind = kind or AdapterLayer
+    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
+
+
+def adapter_names(model: nn.Module, kind: Kind | None = None) -> list[str]:
+    """The adapters on `model` (of every method, or of `kind`), in model order, each layer's in the order added."""
+    names: dict[str, None] = {}
+    for layer in adapter_layers(model, kind).values():
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def active_adapters(model: nn.Module, kind: Kind | None = None) -> list[str]:
+    """The adapters that run (of every method, or of `kind`)."""
+    names: dict[str, None] = {}
+    for layer in adapter_layers(model, kind).values():
+        names.update(dict.fromkeys(layer.active))
+    return list(names)
+
+
+def _label(model: nn.Module, kind: Kind | None) -> str:
+    """'LoRA ' when `kind`, or every adapter layer of the model, is of one method; '' when they mix or none is."""
+    labels = {kind.label} if kind else {type(m).label for m in adapter_layers(model).values()}
+    return f"{labels.pop()} " if len(labels) == 1 else ""
+
+
+def _names_list(names: str | Iterable[str] | None) -> list[str]:
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    return list(dict.fromkeys(names))
+
+
+def _check_known(model: nn.Module, names: Iterable[str], kind: Kind | None = None) -> None:
+    known = adapter_names(model, kind)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"no {_label(model, kind)}adapter called {unknown} on this model; it has {known or 'none'}")
+
+
+def _refuse_if_merged(model: nn.Module, doing: str, kind: Kind | None = None) -> None:
+    layers = [m for m in adapter_layers(model, kind).values() if m.merged]
+    if layers:
+        merged = sorted({n for layer in layers for n in layer.merged})
+        label = _label(model, type(layers[0]) if len({type(m) for m in layers}) == 1 else None)
+        raise ValueError(f"{label}adapters {merged} are merged into the base weights; call unmerge(model) before "
+                         f"you {doing}")
+
+
+def check_new_adapter(model: nn.Module, name: str) -> None:
+    """Before adding the adapter `name`: no adapter of any method has that name (the name selects tensors and
+    what runs), and nothing is merged."""
+    for kind in {type(m) for m in adapter_layers(model).values()}:
+        if name in adapter_names(model, kind):
+            article = "an" if kind.label[0] in "AEIOUaeiou" else "a"
+            raise ValueError(f"the model already has {article} {kind.label} adapter called {name!r}; give the new "
+                             "one another name, or remove the old one with remove_adapter(model, name)")
+    _refuse_if_merged(model, "add an adapter")
+
+
+def wrap_and_add(model: nn.Module, chosen: dict[str, nn.Module], kind: Kind, name: str,
+                 add: Callable[[AdapterLayer, str], None]) -> list[str]:
+    """Wrap each chosen module in a `kind` layer unless it is one already, call `add(layer, module_name)` to give
+    it the adapter `name`, and make `name` the one active adapter of this method. Returns the modules' names."""
+    for module_name, module in chosen.items():
+        if not isinstance(module, kind):
+            module = kind(module)
+            model.set_submodule(module_name, module)
+        add(module, module_name)
+    set_active(model, [name], kind)
+    return list(chosen)
+
+
+def _replace(model: nn.Module, module_name: str, module: nn.Module | None) -> None:
+    parent, _, attr = module_name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete the adapter `name` from every layer; a layer left without adapters gives its place back to the
+    module it wrapped (a wrapper of nothing, like a LayerPrefix, just goes)."""
+    _check_known(model, [name])
+    _refuse_if_merged(model, "remove an adapter")
+    for kind in {type(m) for m in adapter_layers(model).values() if name in m.adapters}:
+        kind.remove_from_model(model, name)
+    for module_name, layer in adapter_layers(model).items():
+        layer.remove_adapter(name)
+        layer.active = tuple(n for n in layer.active if n != name)
+        if not layer.adapters:
+            _replace(model, module_name, layer.base_layer)
+
+
+def set_active(model: nn.Module, names: str | Iterable[str] | None, kind: Kind | None = None) -> None:
+    """Run the adapters `names` (each method combines several its own way: LoRA updates add, IA3 scales multiply,
+    prefixes concatenate); None or [] runs the base model alone. With `kind`, only that method's layers change."""
+    names = _names_list(names)
+    _check_known(model, names, kind)
+    _refuse_if_merged(model, "switch adapters", kind)
+    for layer in adapter_layers(model, kind).values():
+        layer.active = tuple(names)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[None]:
+    """Within the block, row b of every batch runs the adapter `adapter_per_row[b]` (None: the base model alone):
+    one forward pass serves requests for different fine-tunes of the same base. Each kind of layer plans the
+    routing once (`plan_routes`: LoRA gathers the rows of each distinct adapter, IA3 stacks per-row scales).
+    Prefill and cached decoding steps alike, as long as the rows stay the same. Methods that cannot be routed
+    per row (prefix tuning, which changes the attention's length) keep running their active adapters."""
+    rows = list(adapter_per_row)
+    if not rows:
+        raise ValueError("route() needs one adapter name (or None) per row of the batch")
+    _check_known(model, [n for n in rows if n is not None])
+    _refuse_if_merged(model, "route rows to adapters")
+    layers = adapter_layers(model).values()
+    for kind in {type(m) for m in layers if not m.routable}:
+        fixed = sorted(set(rows) & set(adapter_names(model, kind)))
+        if fixed:
+            raise ValueError(f"{kind.label} adapters {fixed} cannot be routed per row; run them for the whole batch "
+                             "with set_active")
+    layers = [m for m in layers if m.routable]
+    plans: dict[Kind, Any] = {}
+    previous = [layer._routes for layer in layers]
+    for layer in layers:
+        kind = type(layer)
+        if kind not in plans:
+            plans[kind] = kind.plan_routes(rows, module_device(model))
+        layer._routes = (len(rows), plans[kind])
+    try:
+        yield
+    finally:
+        for layer, before in zip(layers, previous, strict=True):
+            layer._routes = before
+
+
+def merge_adapters(model: nn.Module, kind: Kind, names: str | Iterable[str] | None = None) -> None:
+    """Fold the adapters of method `kind` into the base weights: the active ones, or those named (which become
+    the active ones). The methods' `merge` functions call this."""
+    layers = adapter_layers(model, kind)
+    if not layers:
+        raise ValueError(f"the model has no {kind.label} adapters to merge")
+    names = active_adapters(model, kind) if names is None else _names_list(names)
+    if not names:
+        raise ValueError("no adapter is active, so there is nothing to merge; name one: merge(model, 'name')")
+    _check_known(model, names, kind)
+    _refuse_if_merged(model, "merge again", kind)
+    for layer in layers.values():
+        layer.merge(names)
+        layer.active = tuple(names)
+
+
+def unload(model: nn.Module, kind: Kind) -> None:
+    """Merge the active adapters of method `kind` (unless merged already) and put every such layer's base layer
+    back in its place. The methods' `merge_and_unload` functions call this (and then unfreeze the model)."""
+    layers = adapter_layers(model, kind)
+    if layers and active_adapters(model, kind) and not any(layer.merged for layer in layers.values()):
+        merge_adapters(model, kind)
+    for module_name, layer in layers.items():
+        model.set_submodule(module_name, layer.base_layer)
 
 
 # --- attach -----------------------------------------------------------------------------------

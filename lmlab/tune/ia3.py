@@ -17,8 +17,9 @@ runs at the base's speed; `unmerge` divides the scales out again (exact up to fl
 entry erased that row or column, so such a merge cannot be undone and `unmerge` says so).
 
 Several adapters can live on one `IA3Linear` under different names, with the same model-level interface as
-tune/lora.py: `set_active` chooses which run (their scales multiply), `route` gives each row of a batch its own
-adapter within one forward pass, `merge` / `unmerge` / `merge_and_unload`. State-dict names follow PEFT's layout
+tune/lora.py (written once in tune/adapters.py, for every method): `set_active` chooses which run (their scales
+multiply), `route` gives each row of a batch its own adapter within one forward pass, `merge` / `unmerge` /
+`merge_and_unload`. State-dict names follow PEFT's layout
 (`base_layer.weight`, `ia3_scale.<name>` where PEFT says `ia3_l.<name>`).
 
 PEFT implements IA3 too; lmlab writes it by hand because the point is to read it next to the equations above, and
@@ -27,33 +28,39 @@ keeps PEFT as the oracle: tests/tune/test_ia3.py checks logits and gradients aga
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .adapters import DEFAULT_NAME, AdapterConfig, is_adapter_param, matches
+from . import adapters
+from .adapters import DEFAULT_NAME, AdapterConfig, AdapterLayer, is_adapter_param, matches
+
+# The model-level bookkeeping every method shares (tune/adapters.py), re-exported as this module's API too:
+from .adapters import active_adapters as active_adapters
+from .adapters import adapter_names as adapter_names
+from .adapters import remove_adapter as remove_adapter
+from .adapters import route as route
+from .adapters import set_active as set_active
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(AdapterLayer):
     """A frozen nn.Linear (`base_layer`) plus any number of named IA3 scale vectors (`ia3_scale`), each rescaling
-    either the layer's output (shape (out_features,)) or, for a feed-forward layer, its input (in_features,)."""
+    either the layer's output (shape (out_features,)) or, for a feed-forward layer, its input (in_features,).
+    Which run is per module state (`active`, `merged`; see adapters.AdapterLayer)."""
+
+    label = "IA3"
 
     def __init__(self, base_layer: nn.Linear):
-        super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"IA3Linear wraps nn.Linear, not {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.ia3_scale = nn.ParameterDict()
         self.feedforward: dict[str, bool] = {}  # per adapter: True rescales the input, False the output
-        self.active: tuple[str, ...] = ()
-        self.merged: tuple[str, ...] = ()
         # the (input, output) scales as they were when merged: unmerge divides by these, even if the adapter's
         # parameters changed since (a merged model is for inference, but a stray optimizer step must not corrupt W)
         self._merged_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-        self._routes: tuple[int, list[str | None]] | None = None  # set by `route`: one adapter (or None) per row
 
     # --- adapters -------------------------------------------------------------------------------
     def add_adapter(self, name: str, feedforward: bool) -> None:
@@ -71,7 +78,6 @@ class IA3Linear(nn.Module):
         if name in self.ia3_scale:
             del self.ia3_scale[name]
         self.feedforward.pop(name, None)
-        self.active = tuple(n for n in self.active if n != name)
 
     @property
     def adapters(self) -> list[str]:
@@ -104,10 +110,7 @@ class IA3Linear(nn.Module):
     def _routed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Row b rescaled by the adapter routed to it: the per-row scales are stacked into a (B, 1, features)
         tensor (ones for rows without an adapter), one elementwise product per side for the whole batch."""
-        n_rows, names = self._routes
-        if x.shape[0] != n_rows:
-            raise ValueError(f"route() was given {n_rows} rows, but the batch has {x.shape[0]}")
-        per_row = [self.scales([] if name is None else [name]) for name in names]
+        per_row = [self.scales([] if name is None else [name]) for name in self.route_plan(x.shape[0])]
         s_in = self._stack([s for s, _ in per_row], self.in_features, x)
         if s_in is not None:
             x = x * s_in
@@ -176,20 +179,7 @@ class IA3Linear(nn.Module):
 # --- finding and wrapping layers ----------------------------------------------------------------------
 def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
     """Every IA3Linear of `model`, by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, IA3Linear)}
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """The IA3 adapters on `model`, in the order they were added."""
-    names: dict[str, None] = {}
-    for layer in ia3_layers(model).values():
-        names.update(dict.fromkeys(layer.adapters))
-    return list(names)
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    layers = list(ia3_layers(model).values())
-    return list(layers[0].active) if layers else []
+    return adapters.adapter_layers(model, IA3Linear)
 
 
 def _targetable(model: nn.Module) -> dict[str, nn.Module]:
@@ -206,28 +196,6 @@ def _targetable(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _names_list(names: str | Iterable[str] | None) -> list[str]:
-    if names is None:
-        return []
-    if isinstance(names, str):
-        return [names]
-    return list(dict.fromkeys(names))
-
-
-def _check_known(model: nn.Module, names: Iterable[str]) -> None:
-    known = adapter_names(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"no IA3 adapter called {unknown} on this model; it has {known or 'none'}")
-
-
-def _refuse_if_merged(model: nn.Module, doing: str) -> None:
-    merged = sorted({n for layer in ia3_layers(model).values() for n in layer.merged})
-    if merged:
-        raise ValueError(f"IA3 adapters {merged} are merged into the base weights; call unmerge(model) before you "
-                         f"{doing}")
-
-
 def add_ia3(model: nn.Module, cfg: AdapterConfig, name: str = DEFAULT_NAME) -> list[str]:
     """Attach a fresh IA3 adapter `name` (every scale 1) to each linear layer whose name matches
     `cfg.target_patterns`, rescaling the input of those that also match `cfg.feedforward` and the output of the
@@ -235,10 +203,7 @@ def add_ia3(model: nn.Module, cfg: AdapterConfig, name: str = DEFAULT_NAME) -> l
     calls this and then freezes the base."""
     if cfg.method != "ia3":
         raise ValueError(f"add_ia3 needs an adapter config with method='ia3', got {cfg.method!r}")
-    if name in adapter_names(model):
-        raise ValueError(f"the model already has an IA3 adapter called {name!r}; give the new one another name, "
-                         "or remove the old one with remove_adapter(model, name)")
-    _refuse_if_merged(model, "add an adapter")
+    adapters.check_new_adapter(model, name)
     candidates = _targetable(model)
     chosen = {n: m for n, m in candidates.items() if matches(n, cfg.target_patterns)}
     if not chosen:
@@ -251,70 +216,15 @@ def add_ia3(model: nn.Module, cfg: AdapterConfig, name: str = DEFAULT_NAME) -> l
     if wrong:  # before changing anything, so a bad target leaves the model as it was
         raise ValueError(f"IA3 rescales linear layers, but adapter targets {cfg.target_patterns} also select "
                          f"{dict(list(wrong.items())[:4])}; narrow the targets to linear layers")
-    for layer_name, module in chosen.items():
-        if not isinstance(module, IA3Linear):
-            module = IA3Linear(module)
-            model.set_submodule(layer_name, module)
-        module.add_adapter(name, feedforward=matches(layer_name, cfg.feedforward))
-    set_active(model, [name])
-    return list(chosen)
-
-
-def remove_adapter(model: nn.Module, name: str) -> None:
-    """Delete the adapter `name` from every layer; a layer left without adapters becomes its base layer again."""
-    _check_known(model, [name])
-    _refuse_if_merged(model, "remove an adapter")
-    for layer_name, layer in ia3_layers(model).items():
-        layer.remove_adapter(name)
-        if not layer.adapters:
-            model.set_submodule(layer_name, layer.base_layer)
-
-
-# --- which adapter runs -------------------------------------------------------------------------------
-def set_active(model: nn.Module, names: str | Iterable[str] | None) -> None:
-    """Run the adapters `names` (their scales multiply); None or [] runs the base model alone."""
-    names = _names_list(names)
-    _check_known(model, names)
-    _refuse_if_merged(model, "switch adapters")
-    for layer in ia3_layers(model).values():
-        layer.active = tuple(names)
-
-
-@contextlib.contextmanager
-def route(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[None]:
-    """Within the block, row b of every batch runs the adapter `adapter_per_row[b]` (None: the base model alone):
-    one forward pass serves requests for different fine-tunes of the same base."""
-    rows = list(adapter_per_row)
-    if not rows:
-        raise ValueError("route() needs one adapter name (or None) per row of the batch")
-    _check_known(model, [n for n in rows if n is not None])
-    _refuse_if_merged(model, "route rows to adapters")
-    layers = list(ia3_layers(model).values())
-    previous = [layer._routes for layer in layers]
-    for layer in layers:
-        layer._routes = (len(rows), rows)
-    try:
-        yield
-    finally:
-        for layer, before in zip(layers, previous, strict=True):
-            layer._routes = before
+    return adapters.wrap_and_add(model, chosen, IA3Linear, name,
+                        lambda layer, layer_name: layer.add_adapter(name, matches(layer_name, cfg.feedforward)))
 
 
 # --- merge ------------------------------------------------------------------------------------------
 def merge(model: nn.Module, name: str | Iterable[str] | None = None) -> None:
     """Fold adapters into the base weights: the active ones, or those named (which become the active ones).
     The model then computes the same outputs (to float rounding) with no elementwise products left."""
-    layers = ia3_layers(model)
-    if not layers:
-        raise ValueError("the model has no IA3 adapters to merge")
-    names = active_adapters(model) if name is None else _names_list(name)
-    if not names:
-        raise ValueError("no adapter is active, so there is nothing to merge; name one: merge(model, 'name')")
-    _check_known(model, names)
-    _refuse_if_merged(model, "merge again")
-    for layer in layers.values():
-        layer.merge(names)
-        layer.active = tuple(names)
+    adapters.merge_adapters(model, IA3Linear, name)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -332,11 +242,7 @@ def unmerge(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters (unless merged already) and replace every IA3Linear by its base layer: the result
     is the plain model, with exactly the base's parameter names, every parameter trainable again. In place."""
-    layers = ia3_layers(model)
-    if layers and active_adapters(model) and not any(layer.merged for layer in layers.values()):
-        merge(model)
-    for layer_name, layer in layers.items():
-        model.set_submodule(layer_name, layer.base_layer)
+    adapters.unload(model, IA3Linear)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

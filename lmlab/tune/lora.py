@@ -22,9 +22,10 @@ PEFT, the W x of the DoRA term is computed on the dropped input.
 
 Several adapters can live on one `LoRALinear` under different names. `set_active` chooses which run (their
 updates add up); `route` gives each row of a batch its own adapter (or none) within one forward pass, which is
-how one base model serves many fine-tunes. `merge` folds the active adapters into W exactly (the merged layer
-computes the same function to float rounding) and `unmerge` takes them out again; `merge_and_unload` returns a
-plain model with the base's parameter names, ready for `save_checkpoint`.
+how one base model serves many fine-tunes (both, with `remove_adapter`, are tune/adapters.py's, shared by every
+method; this file gives `route` its plan: gather each adapter's rows). `merge` folds the active adapters into W
+exactly (the merged layer computes the same function to float rounding) and `unmerge` takes them out again;
+`merge_and_unload` returns a plain model with the base's parameter names, ready for `save_checkpoint`.
 
 On a 4-bit base (QLoRA: tune/nf4.py; any module with `in_features`, `out_features`, `bias` and a `dequantize()`
 that returns the (out, in) float weight) the adapter runs in float32 beside the quantized matmul, and merging
@@ -39,11 +40,10 @@ PEFT on the same Hugging Face Llama, and `export_peft` / `load_peft_adapter` mov
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +52,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import atomic_directory
+from . import adapters
 from .adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     DEFAULT_NAME,
     AdapterConfig,
+    AdapterLayer,
     apply_adapter,
     is_adapter_param,
     load_adapter_weights,
     matches,
 )
+
+# The model-level bookkeeping every method shares (tune/adapters.py), re-exported as this module's API too:
+from .adapters import active_adapters as active_adapters
+from .adapters import adapter_names as adapter_names
+from .adapters import remove_adapter as remove_adapter
+from .adapters import route as route
+from .adapters import set_active as set_active
 
 # PEFT wraps a transformers model as PeftModel(base_model=LoraModel(model=...)): its tensor names start so.
 PEFT_PREFIX = "base_model.model."
@@ -74,38 +83,31 @@ def _is_quantized_linear(module: nn.Module) -> bool:
             and hasattr(module, "in_features") and hasattr(module, "out_features"))
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """A frozen linear layer (`base_layer`) plus any number of named LoRA / DoRA adapters.
 
     State-dict names follow PEFT's: `base_layer.weight`, `lora_A.<name>.weight`, `lora_B.<name>.weight`,
-    `lora_magnitude_vector.<name>` (DoRA). Which adapters run is per module state set by the model-level
-    functions of this file (`set_active`, `route`, `merge`), so one model can hold and switch many adapters.
+    `lora_magnitude_vector.<name>` (DoRA). Which adapters run is per module state (`active`, `merged`; see
+    adapters.AdapterLayer) set by the model-level functions (`set_active`, `route`, `merge`), so one model can
+    hold and switch many adapters.
     """
 
+    label = "LoRA"
+
     def __init__(self, base_layer: nn.Module):
-        super().__init__()
         if not (isinstance(base_layer, nn.Linear) or _is_quantized_linear(base_layer)):
             raise TypeError(f"LoRALinear wraps nn.Linear or a quantized linear layer, not {type(base_layer).__name__}")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
-        self.active: tuple[str, ...] = ()  # adapters whose updates are added to the base output
-        self.merged: tuple[str, ...] = ()  # adapters folded into base_layer's weight
         self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA's n at merge time, to unmerge exactly
         # The 4-bit layer a merge replaced by its float copy, kept for unmerge. A plain list, so it is not a
         # submodule: the merged module's state dict holds only the float weight.
         self._quantized_base: list[nn.Module] = []
-        self._routes: tuple[int, list[tuple[str, torch.Tensor | None]]] | None = None  # set by `route`
         self.train(base_layer.training)
 
     # --- adapters -------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ class LoRALinear(nn.Module):
         m = ||W||_row."""
         if name in self.lora_A:
             raise ValueError(f"this layer already has an adapter called {name!r}")
-        device = _device_of(self.base_layer)
+        device = adapters.module_device(self.base_layer)
         # Adapters train in at least float32 (as PEFT casts them): on a bf16 or 4-bit base the update's small
         # steps would otherwise round away.
         base_dtype = self.base_layer.weight.dtype if isinstance(self.base_layer, nn.Linear) else torch.float32
@@ -139,7 +141,6 @@ class LoRALinear(nn.Module):
             if name in container:
                 del container[name]
         self.scaling.pop(name, None)
-        self.active = tuple(n for n in self.active if n != name)
 
     @property
     def adapters(self) -> list[str]:
@@ -182,12 +183,21 @@ class LoRALinear(nn.Module):
             wx = F.linear(xa, weight)
         return ((k - 1) * wx + k * s * B(A(xa))).to(base.dtype)
 
+    @classmethod
+    def plan_routes(cls, rows: list[str | None], device: torch.device) -> list[tuple[str, torch.Tensor | None]]:
+        """(adapter, the indices of the rows that use it, or None when every row does), per distinct adapter:
+        each layer computes each adapter's update on its rows only (a gather along the batch dimension of its
+        input) and adds it back (index_add)."""
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(rows):
+            if name is not None:
+                groups.setdefault(name, []).append(i)
+        return [(name, None if len(idx) == len(rows) else torch.tensor(idx, device=device))
+                for name, idx in groups.items()]
+
     def _routed_forward(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        n_rows, groups = self._routes
-        if x.shape[0] != n_rows:
-            raise ValueError(f"route() was given {n_rows} rows, but the batch has {x.shape[0]}")
         out = base
-        for name, rows in groups:  # one gather per distinct adapter, never a loop over rows
+        for name, rows in self.route_plan(x.shape[0]):  # one gather per distinct adapter, never a loop over rows
             if name not in self.lora_A:
                 continue
             if rows is None:  # every row uses it
@@ -267,20 +277,7 @@ def _dequantized_linear(module: nn.Module) -> nn.Linear:
 # --- finding and wrapping layers ----------------------------------------------------------------------
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every LoRALinear of `model`, by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """The LoRA adapters on `model`, in the order they were added."""
-    names: dict[str, None] = {}
-    for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.adapters))
-    return list(names)
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    layers = list(lora_layers(model).values())
-    return list(layers[0].active) if layers else []
+    return adapters.adapter_layers(model, LoRALinear)
 
 
 def _targetable(model: nn.Module) -> dict[str, nn.Module]:
@@ -301,38 +298,13 @@ def _targetable(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _refuse_if_merged(model: nn.Module, doing: str) -> None:
-    merged = sorted({n for layer in lora_layers(model).values() for n in layer.merged})
-    if merged:
-        raise ValueError(f"adapters {merged} are merged into the base weights; call unmerge(model) before you "
-                         f"{doing}")
-
-
-def _names_list(names: str | Iterable[str] | None) -> list[str]:
-    if names is None:
-        return []
-    if isinstance(names, str):
-        return [names]
-    return list(dict.fromkeys(names))
-
-
-def _check_known(model: nn.Module, names: Iterable[str]) -> None:
-    known = adapter_names(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"no LoRA adapter called {unknown} on this model; it has {known or 'none'}")
-
-
 def add_lora(model: nn.Module, cfg: AdapterConfig, name: str = DEFAULT_NAME) -> list[str]:
     """Attach a fresh LoRA (or DoRA) adapter `name` to every linear layer whose name matches
     `cfg.target_patterns`, and make it the one active adapter. A layer that already carries adapters gets one
     more. Returns the adapted layers' names. `adapters.apply_adapter` calls this and then freezes the base."""
     if cfg.method != "lora":
         raise ValueError(f"add_lora needs an adapter config with method='lora', got {cfg.method!r}")
-    if name in adapter_names(model):
-        raise ValueError(f"the model already has a LoRA adapter called {name!r}; give the new one another name, "
-                         "or remove the old one with remove_adapter(model, name)")
-    _refuse_if_merged(model, "add an adapter")
+    adapters.check_new_adapter(model, name)
     candidates = _targetable(model)
     chosen = [n for n in candidates if matches(n, cfg.target_patterns)]
     if not chosen:
@@ -341,63 +313,8 @@ def add_lora(model: nn.Module, cfg: AdapterConfig, name: str = DEFAULT_NAME) -> 
             f"adapter targets {cfg.target_patterns} match no linear layer of this model. A target is a layer's "
             "last name ('q_proj'), a dotted suffix ('attn.q_proj'), a regular expression over the whole name, or "
             f"'all-linear'; this model's layers are named like {examples}")
-    for layer_name in chosen:
-        module = candidates[layer_name]
-        if not isinstance(module, LoRALinear):
-            module = LoRALinear(module)
-            model.set_submodule(layer_name, module)
-        module.add_adapter(name, cfg.r, cfg.scaling, cfg.dropout, cfg.dora)
-    set_active(model, [name])
-    return chosen
-
-
-def remove_adapter(model: nn.Module, name: str) -> None:
-    """Delete the adapter `name` from every layer; a layer left without adapters becomes its base layer again."""
-    _check_known(model, [name])
-    _refuse_if_merged(model, "remove an adapter")
-    for layer_name, layer in lora_layers(model).items():
-        layer.remove_adapter(name)
-        if not layer.adapters:
-            model.set_submodule(layer_name, layer.base_layer)
-
-
-# --- which adapter runs -------------------------------------------------------------------------------
-def set_active(model: nn.Module, names: str | Iterable[str] | None) -> None:
-    """Run the adapters `names` (their updates add up); None or [] runs the base model alone."""
-    names = _names_list(names)
-    _check_known(model, names)
-    _refuse_if_merged(model, "switch adapters")
-    for layer in lora_layers(model).values():
-        layer.active = tuple(names)
-
-
-@contextlib.contextmanager
-def route(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[None]:
-    """Within the block, row b of every batch runs the adapter `adapter_per_row[b]` (None: the base model alone):
-    one forward pass serves requests for different fine-tunes of the same base. Each layer computes each
-    distinct adapter's update on the rows that use it (a gather along the first, batch, dimension of its input)
-    and adds it back (index_add). Prefill and cached decoding steps alike, as long as the rows stay the same."""
-    rows = list(adapter_per_row)
-    if not rows:
-        raise ValueError("route() needs one adapter name (or None) per row of the batch")
-    _check_known(model, [n for n in rows if n is not None])
-    _refuse_if_merged(model, "route rows to adapters")
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(rows):
-        if name is not None:
-            groups.setdefault(name, []).append(i)
-    device = _device_of(model)
-    routes = [(name, None if len(idx) == len(rows) else torch.tensor(idx, device=device))
-              for name, idx in groups.items()]
-    layers = list(lora_layers(model).values())
-    previous = [layer._routes for layer in layers]
-    for layer in layers:
-        layer._routes = (len(rows), routes)
-    try:
-        yield
-    finally:
-        for layer, before in zip(layers, previous, strict=True):
-            layer._routes = before
+    return adapters.wrap_and_add(model, {n: candidates[n] for n in chosen}, LoRALinear, name,
+                        lambda layer, _: layer.add_adapter(name, cfg.r, cfg.scaling, cfg.dropout, cfg.dora))
 
 
 # --- merge ------------------------------------------------------------------------------------------
@@ -405,17 +322,7 @@ def merge(model: nn.Module, name: str | Iterable[str] | None = None) -> None:
     """Fold adapters into the base weights: the active ones, or those named (which become the active ones).
     The model then computes the same outputs as before (to float rounding) without the adapters' extra matmuls.
     On a 4-bit base, a merged layer holds a float copy of the dequantized weight (see the module docstring)."""
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA adapters to merge")
-    names = active_adapters(model) if name is None else _names_list(name)
-    if not names:
-        raise ValueError("no adapter is active, so there is nothing to merge; name one: merge(model, 'name')")
-    _check_known(model, names)
-    _refuse_if_merged(model, "merge again")
-    for layer in layers.values():
-        layer.merge(names)
-        layer.active = tuple(names)
+    adapters.merge_adapters(model, LoRALinear, name)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -433,11 +340,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if others:
         raise ValueError(f"the model carries adapter tensors of another method ({others[:3]}...); merge_and_unload "
                          "folds LoRA adapters only")
-    layers = lora_layers(model)
-    if layers and active_adapters(model) and not any(layer.merged for layer in layers.values()):
-        merge(model)
-    for layer_name, layer in layers.items():
-        model.set_submodule(layer_name, layer.base_layer)
+    adapters.unload(model, LoRALinear)
     for layer_name, module in list(model.named_modules()):
         if _is_quantized_linear(module):  # QLoRA quantized every projection, adapted or not
             model.set_submodule(layer_name, _dequantized_linear(module))

@@ -31,7 +31,9 @@ Conventions (model/attention.py `prepend_prefix` implements the attention side):
 
 Parameters: `blocks.<i>.attn.prefix.prefix_k.<name>` and `prefix_v.<name>`, (n_kv_heads, P, head_dim) each, or,
 reparameterized, `prefix_encoder.<name>.embedding` and `prefix_encoder.<name>.mlp.*` on the model. Several
-adapters can live on one model; `set_active` chooses which run (their prefixes are concatenated).
+adapters can live on one model; `set_active` chooses which run (their prefixes are concatenated, in that order;
+None or [] runs the plain attention path) and `remove_adapter` deletes one (both are tune/adapters.py's, shared by
+every method).
 
 Written by hand because PEFT's mechanism (a past-key-value cache handed to a Hugging Face model) does not apply to
 lmlab's model; PEFT is the oracle in the tests, on the same Llama.
@@ -39,13 +41,18 @@ lmlab's model; PEFT is the oracle in the tests, on the same Llama.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import DEFAULT_NAME, AdapterConfig
+from . import adapters
+from .adapters import DEFAULT_NAME, AdapterConfig, AdapterLayer
+
+# The model-level bookkeeping every method shares (tune/adapters.py), re-exported as this module's API too:
+from .adapters import active_adapters as active_adapters
+from .adapters import adapter_names as adapter_names
+from .adapters import remove_adapter as remove_adapter
+from .adapters import set_active as set_active
 
 ENCODERS = "prefix_encoder"  # the model attribute holding the reparameterization MLPs, by adapter name
 
@@ -74,9 +81,14 @@ class PrefixEncoder(nn.Module):
         return kv[0], kv[1]
 
 
-class LayerPrefix(nn.Module):
+class LayerPrefix(AdapterLayer):
     """The prefixes of one attention layer, for every prefix adapter of the model: installed as
-    `Attention.prefix`, called with the batch size, returning the active adapters' keys and values."""
+    `Attention.prefix`, called with the batch size, returning the active adapters' keys and values. It wraps no
+    base layer (attention without a prefix is the base), cannot be merged, nor routed per row (a prefix changes
+    the attention's length for the whole batch)."""
+
+    label = "prefix"
+    routable = False
 
     def __init__(self, layer: int):
         super().__init__()
@@ -86,11 +98,25 @@ class LayerPrefix(nn.Module):
         # Reparameterized adapters, name -> PrefixEncoder. One encoder serves every layer, so the model owns it
         # (model.prefix_encoder); this plain dict only refers to it, keeping it out of each layer's state dict.
         self.encoders: dict[str, PrefixEncoder] = {}
-        self.active: tuple[str, ...] = ()
 
     @property
     def adapters(self) -> list[str]:
         return [*self.prefix_k.keys(), *self.encoders]
+
+    def remove_adapter(self, name: str) -> None:
+        for store in (self.prefix_k, self.prefix_v):
+            if name in store:
+                del store[name]
+        self.encoders.pop(name, None)
+
+    @classmethod
+    def remove_from_model(cls, model: nn.Module, name: str) -> None:
+        """The reparameterization MLP lives on the model (one for every layer): drop it with its adapter."""
+        encoders = getattr(model, ENCODERS, None)
+        if encoders is not None and name in encoders:
+            del encoders[name]
+            if not len(encoders):
+                delattr(model, ENCODERS)
 
     def kv(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's (keys, values) for this layer, each (n_kv_heads, P, head_dim)."""
@@ -121,33 +147,8 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
 
 def prefix_layers(model: nn.Module) -> list[LayerPrefix]:
     """The LayerPrefix of every attention layer that has one, in layer order."""
-    return [a.prefix for a in _attention_layers(model) if isinstance(a.prefix, LayerPrefix)]
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """The prefix adapters on `model`, in the order they were added (plain ones first)."""
-    layers = prefix_layers(model)
-    return layers[0].adapters if layers else []
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    layers = prefix_layers(model)
-    return list(layers[0].active) if layers else []
-
-
-def _check_known(model: nn.Module, names: Iterable[str]) -> None:
-    known = adapter_names(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"no prefix adapter called {unknown} on this model; it has {known or 'none'}")
-
-
-def _names_list(names: str | Iterable[str] | None) -> list[str]:
-    if names is None:
-        return []
-    if isinstance(names, str):
-        return [names]
-    return list(dict.fromkeys(names))
+    _attention_layers(model)  # an lmlab Transformer, or a clear TypeError
+    return list(adapters.adapter_layers(model, LayerPrefix).values())
 
 
 # --- attach -------------------------------------------------------------------------------------------
@@ -185,9 +186,7 @@ def add_prefix(model: nn.Module, cfg: AdapterConfig, name: str = DEFAULT_NAME) -
         raise ValueError(f"prefix tuning adds prefixes to every attention layer and has no targets; remove "
                          f"adapter.targets={cfg.targets}")
     attns = _attention_layers(model)
-    if name in adapter_names(model):
-        raise ValueError(f"the model already has a prefix adapter called {name!r}; give the new one another name, "
-                         "or remove the old one with remove_adapter(model, name)")
+    adapters.check_new_adapter(model, name)
     foreign = [i for i, a in enumerate(attns) if a.prefix is not None and not isinstance(a.prefix, LayerPrefix)]
     if foreign:
         raise ValueError(f"attention layers {foreign} already carry another prefix hook; remove it first")
@@ -213,16 +212,7 @@ def add_prefix(model: nn.Module, cfg: AdapterConfig, name: str = DEFAULT_NAME) -
         for layer, (k, v) in zip(layers, real_token_prefixes(model, ids), strict=True):
             layer.prefix_k[name] = nn.Parameter(k.to(dtype).contiguous())
             layer.prefix_v[name] = nn.Parameter(v.to(dtype).contiguous())
-    set_active(model, [name])
-
-
-def set_active(model: nn.Module, names: str | Iterable[str] | None) -> None:
-    """Run the prefix adapters `names` (their prefixes are concatenated, in this order); None or [] runs the
-    base model alone, through the plain attention path."""
-    names = _names_list(names)
-    _check_known(model, names)
-    for layer in prefix_layers(model):
-        layer.active = tuple(names)
+    set_active(model, [name], LayerPrefix)
 
 
 @torch.no_grad()
@@ -250,23 +240,3 @@ def fold_prefix(model: nn.Module, name: str | None = None) -> list[str]:
         delattr(model, ENCODERS)
     return names
 
-
-def remove_adapter(model: nn.Module, name: str) -> None:
-    """Delete the prefix adapter `name`; attention layers left without prefixes lose their hook."""
-    _check_known(model, [name])
-    encoders = getattr(model, ENCODERS, None)
-    if encoders is not None and name in encoders:
-        del encoders[name]
-        if not len(encoders):
-            delattr(model, ENCODERS)
-    for attn in _attention_layers(model):
-        layer = attn.prefix
-        if not isinstance(layer, LayerPrefix):
-            continue
-        for store in (layer.prefix_k, layer.prefix_v):
-            if name in store:
-                del store[name]
-        layer.encoders.pop(name, None)
-        layer.active = tuple(n for n in layer.active if n != name)
-        if not layer.adapters:
-            attn.prefix = None

@@ -315,18 +315,10 @@ def test_trainable_count_is_the_sum_of_the_vector_lengths(targets, feedforward):
     print(f"IA3 {targets or 'default'}: {count}")
 
 
-def test_gradients_reach_only_the_scales_and_a_step_learns():
+def test_gradients_reach_only_the_scales_and_a_step_learns(adam_steps):
     model = tiny_model()
     apply_adapter(model, AdapterConfig(method="ia3"))
-    ids, targets = ids_for(), ids_for(seed=7)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        opt.zero_grad()
-        loss = model(ids, targets).loss
-        loss.backward()
-        losses.append(loss.item())
-        opt.step()
+    losses = adam_steps(model, ids_for(), ids_for(seed=7))
     assert losses[-1] < losses[0]
     for name, p in model.named_parameters():
         assert (p.grad is not None) == ("ia3_" in name), name

@@ -20,20 +20,12 @@ VOCAB = 128
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, dtype="float32",
+def hf_dir(save_tiny_llama):
+    return save_tiny_llama(
+        "tiny-llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        dtype="float32",
     )
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():  # RMSNorm weights start at 1: make them distinctive too
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    return path
 
 
 def hf_model(path):

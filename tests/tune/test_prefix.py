@@ -243,21 +243,12 @@ def test_left_padded_and_packed_rows_equal_each_sequence_alone():
 
 # --- parity with PEFT ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.1,
+def hf_dir(save_tiny_llama):
+    return save_tiny_llama(
+        "tiny-llama-prefix", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        initializer_range=0.1,
     )
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    path = tmp_path_factory.mktemp("tiny-llama-prefix")
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("hidden", [0, 24])
@@ -386,19 +377,11 @@ def test_reparameterization_computes_every_layer_from_one_mlp_and_folds_exactly(
         prefix.fold_prefix(model, "default")
 
 
-def test_gradients_reach_only_the_prefixes_and_training_lowers_the_loss():
+def test_gradients_reach_only_the_prefixes_and_training_lowers_the_loss(adam_steps):
     for hidden in (0, 16):
         model = tiny_model()
         apply_adapter(model, AdapterConfig(method="prefix", prefix_len=4, prefix_hidden=hidden))
-        ids, targets = ids_for(), ids_for(seed=7)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses = []
-        for _ in range(5):
-            opt.zero_grad()
-            loss = model(ids, targets).loss
-            loss.backward()
-            losses.append(loss.item())
-            opt.step()
+        losses = adam_steps(model, ids_for(), ids_for(seed=7))
         assert losses[-1] < losses[0]
         for name, p in model.named_parameters():
             assert (p.grad is not None and p.grad.abs().max() > 0) == ("prefix_" in name), name

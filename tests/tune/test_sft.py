@@ -131,6 +131,15 @@ def test_recipe_errors():
         resolve_finetune({"adapter": {"method": "lorax"}}, model="m", data="d")
 
 
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[2] / "recipes").glob("sft-*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_finetuning_recipes_are_valid(recipe):
+    for adapter, method in ((None, "full"), ("lora", "lora"), ("qlora", "lora"), ("ia3", "ia3")):
+        cfg = load_finetune_recipe(recipe, model="base", data="chats.jsonl", adapter=adapter)
+        assert cfg.method == method
+        assert cfg.data.seq_len >= 2 and cfg.train.lr > 0
+
+
 def test_recipe_defaults_follow_the_method():
     full = resolve_finetune({}, model="m", data="d")
     assert full.adapter is None and full.train.lr == 2e-5 and full.data.epochs == 1.0
