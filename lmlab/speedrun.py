@@ -289,7 +289,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
 
 # --- evaluation -------------------------------------------------------------------------------------
 
-EVAL_VERSION = 1  # bump when what `evaluate` measures changes, so a rerun measures again
+EVAL_VERSION = 2  # bump when what `evaluate` measures changes, so a rerun measures again
 
 
 def evaluate(checkpoint: Path, train_cfg, tokenizer, eval_dir: Path, shard_dir: Path, limit: int, *,
@@ -516,13 +516,18 @@ def report_markdown(r: dict[str, Any]) -> str:
                   f"synthetic chats at lr {s['lr']:g}; final train loss {_fmt(s['final_train_loss'])}, held-out "
                   f"chat loss {_fmt(s['held_out_loss'])}.", "",
                   "Each held-out problem is the user's message in the chat template; the reply runs to the end of "
-                  "the turn and is checked by the corpus's verifier.", "",
-                  "| task | base model | after SFT |", "|---|---:|---:|",
+                  "the turn and is checked by the corpus's verifier. *Ended its turn*: the reply closed with the "
+                  "end-of-turn token (it kept to the chat format), right or wrong.", "",
+                  "| task | base model: right | ended its turn | after SFT: right | ended its turn |",
+                  "|---|---:|---:|---:|---:|",
                   *[f"| {task} | {_pct(chat[(task, 'before')]['accuracy'])} | "
+                    f"{_pct(chat[(task, 'before')]['answered'] / max(chat[(task, 'before')]['n'], 1))} | "
                     f"{_pct(chat[(task, 'after')]['accuracy'])} ({chat[(task, 'after')]['correct']}/"
-                    f"{chat[(task, 'after')]['n']}) |" for task in s["chat_accuracy"]["after"]],
-                  f"| **mean** | **{_pct(s['chat_mean_accuracy']['before'])}** | "
-                  f"**{_pct(s['chat_mean_accuracy']['after'])}** |", ""]
+                    f"{chat[(task, 'after')]['n']}) | "
+                    f"{_pct(chat[(task, 'after')]['answered'] / max(chat[(task, 'after')]['n'], 1))} |"
+                    for task in s["chat_accuracy"]["after"]],
+                  f"| **mean** | **{_pct(s['chat_mean_accuracy']['before'])}** | | "
+                  f"**{_pct(s['chat_mean_accuracy']['after'])}** | |", ""]
         if "after" in f:
             lines += [f"Forgetting: pretraining validation loss {_fmt(f['before'])} before, {_fmt(f['after'])} after "
                       f"({f['change']:+.3f}).", ""]

@@ -269,8 +269,10 @@ def evaluate_chat(model, tokenizer, eval_dir: str | Path, *, tasks: Sequence[str
     the tokenizer's chat template and the assistant's header; the reply runs to the end of the turn and is
     scored by `verify` (a worked reply counts by its `Answer:` line). This is the format supervised fine-tuning
     teaches (the corpus's sft split asks the same kinds of problems); a base model that never saw the template
-    scores near zero here, which is the point of measuring before and after. A problem whose prompt leaves no
-    room to answer in the model's context is left out before the first `limit` are taken. Mode "chat"."""
+    scores near zero here, which is the point of measuring before and after. `answered` counts the replies that
+    ended their turn with the end-of-turn token, i.e. kept to the chat format, right or wrong. A problem whose
+    prompt leaves no room to answer in the model's context is left out before the first `limit` are taken.
+    Mode "chat"."""
     from ..infer.generate import generate
     from ..infer.sampling import SamplingParams
     from ..tokenizer.chat import end_of_turn_ids
@@ -285,7 +287,7 @@ def evaluate_chat(model, tokenizer, eval_dir: str | Path, *, tasks: Sequence[str
                 items.append((task, item, ids))
         asked += items[:limit]
     order = sorted(range(len(asked)), key=lambda i: len(asked[i][2]))
-    replies = [""] * len(asked)
+    replies, ended = [""] * len(asked), [False] * len(asked)
     stop_ids = end_of_turn_ids(tokenizer)
     for start in tqdm(range(0, len(order), batch_size), desc="chat", unit="batch", disable=not progress):
         rows = order[start:start + batch_size]
@@ -293,11 +295,11 @@ def evaluate_chat(model, tokenizer, eval_dir: str | Path, *, tasks: Sequence[str
         params = SamplingParams(max_new_tokens=min(max_new_tokens, room), temperature=0.0, stop_token_ids=stop_ids)
         for i, c in zip(rows, generate(model, [asked[i][2] for i in rows], params, decode=tokenizer.decode),
                         strict=True):
-            replies[i] = c.text.strip()
+            replies[i], ended[i] = c.text.strip(), c.finish_reason == "stop"
     results = []
     for task in tasks:
         rows = [i for i, (t, _, _) in enumerate(asked) if t == task]
         right = [verify(task, asked[i][1]["prompt"], replies[i]) for i in rows]
         results.append(_result(task, "chat", [asked[i][1]["prompt"] for i in rows], [replies[i] for i in rows],
-                               right, [bool(replies[i]) for i in rows], n_examples))
+                               right, [ended[i] for i in rows], n_examples))
     return results
