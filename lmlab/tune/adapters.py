@@ -40,7 +40,7 @@ from ..atomic import atomic_directory
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_MARKERS = ("lora_", "ia3_", "prefix_")
+ADAPTER_MARKERS = ("lora_", "ia3_", "prefix_", "token_")
 METHODS = ("lora", "ia3", "prefix")
 QUANTIZATIONS = ("none", "nf4")
 FORMAT = "lmlab-adapter"
@@ -71,6 +71,9 @@ class AdapterConfig:
     double_quant: bool = True  # quantize the block absmaxes too (8-bit, blocks of 256)
     # IA3: which targeted modules are feed-forward (their input is rescaled) rather than attention (output)
     feedforward: list[str] = field(default_factory=lambda: ["down_proj"])
+    # every method: new embedding (and untied head) rows for tokens the base never learned (tune/tokens.py)
+    trainable_tokens: list[str] = field(default_factory=list)  # token strings, or "chat": the template's specials
+    token_ids: list[int] = field(default_factory=list)  # their ids, resolved with the tokenizer (stored on save)
     # prefix tuning
     prefix_len: int = 16  # virtual tokens per layer
     prefix_hidden: int = 0  # width of the reparameterization MLP during training (0: learn the prefixes directly)
@@ -447,6 +450,13 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, name: str = DEFAULT_NAME
         from .prefix import add_prefix
 
         add_prefix(model, cfg, name)
+    if cfg.trainable_tokens and not cfg.token_ids:
+        raise ValueError(f"adapter.trainable_tokens {cfg.trainable_tokens} must be resolved to ids with the tokenizer "
+                         "first (tune.tokens.resolve_tokens; `lmlab sft` does it)")
+    if cfg.token_ids:
+        from .tokens import add_token_rows
+
+        add_token_rows(model, cfg.token_ids, name)
     freeze_base(model)
     return model
 

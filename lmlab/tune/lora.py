@@ -336,11 +336,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters (unless merged already) and replace every LoRALinear by its base layer, and
     every 4-bit layer by a float nn.Linear: the result is the plain model, with exactly the base's parameter
     names, every parameter trainable again. Changes `model` in place and returns it."""
-    others = sorted({k for k in model.state_dict() if is_adapter_param(k) and "lora_" not in k})
+    others = sorted({k for k in model.state_dict()
+                     if is_adapter_param(k) and "lora_" not in k and "token_delta" not in k})
     if others:
         raise ValueError(f"the model carries adapter tensors of another method ({others[:3]}...); merge_and_unload "
                          "folds LoRA adapters only")
     adapters.unload(model, LoRALinear)
+    from .tokens import fold_tokens
+
+    fold_tokens(model)  # trainable token rows: their deltas written into the embedding (and head)
     for layer_name, module in list(model.named_modules()):
         if _is_quantized_linear(module):  # QLoRA quantized every projection, adapted or not
             model.set_submodule(layer_name, _dequantized_linear(module))
@@ -393,6 +397,9 @@ def export_peft(model: nn.Module, out_dir: str | Path, cfg: AdapterConfig, name:
     names, which `peft.PeftModel.from_pretrained(hf_model, out_dir)` loads. Atomic."""
     if cfg.method != "lora":
         raise ValueError(f"PEFT export is for LoRA adapters; this config is method={cfg.method!r}")
+    if cfg.token_ids:
+        raise ValueError("this adapter also trains token rows (adapter.trainable_tokens), which the PEFT export does "
+                         "not write yet; merge it into a full checkpoint instead (lmlab adapter merge)")
     layers = {n: layer for n, layer in lora_layers(model).items() if name in layer.lora_A}
     if not layers:
         raise ValueError(f"the model has no LoRA adapter called {name!r}; it has {adapter_names(model) or 'none'}")

@@ -367,6 +367,10 @@ def finetune(cfg: FinetuneConfig, *, objective_factory: Callable[[nn.Module], Ca
         # the model
         model_io = None
         if cfg.adapter is not None:
+            if cfg.adapter.trainable_tokens:
+                from .tokens import resolve_tokens
+
+                cfg.adapter.token_ids = resolve_tokens(tokenizer, cfg.adapter.trainable_tokens)
             apply_adapter(model, cfg.adapter)
             for p in model.parameters():
                 if p.requires_grad:

@@ -111,3 +111,78 @@ def test_three_kinds_on_one_base(tmp_path):
         assert adapter_names(model) == []
         torch.testing.assert_close(model(x).logits, plain, atol=1e-6, rtol=1e-6)
     assert sorted(model.state_dict()) == sorted(base.state_dict())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainable_token_rows(tied, tmp_path):
+    """E' = E + scatter(ids, D) wherever the model reads the matrix; only D trains; save, load, merge, remove."""
+    from lmlab.tune import lora
+    from lmlab.tune.tokens import resolve_tokens
+
+    torch.manual_seed(0)
+    cfg_model = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32,
+                            tie_embeddings=tied)
+    model = build_model(cfg_model).eval()
+    weight = model.embed.weight.detach().clone()
+    x = torch.randint(0, 64, (2, 12))
+    x[0, 2], x[1, 5] = 7, 9
+    with torch.no_grad():
+        plain = model(x).logits
+    cfg = AdapterConfig(method="lora", r=2, targets=["q_proj"], trainable_tokens=["x"], token_ids=[9, 7])
+    apply_adapter(model, cfg, "t")
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n] == (
+        ["embed.parametrizations.weight.0.token_delta.t"]
+        + ([] if tied else ["lm_head.parametrizations.weight.0.token_delta.t"]))
+    lora_params, row_params = 2 * 2 * (32 + 32), 2 * 32  # 2 layers x r (in + out); 2 rows x d_model
+    assert count_parameters(model).trainable == lora_params + row_params * (1 if tied else 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, plain)  # a fresh delta is zero
+        delta = torch.randn(2, 32)
+        model.embed.parametrizations.weight[0].token_delta["t"].copy_(delta)
+        expected = weight.clone()
+        expected[[7, 9]] += delta  # rows sorted by id
+        torch.testing.assert_close(model.embed.weight, expected)
+        tuned = model(x).logits
+    assert not torch.allclose(tuned, plain, atol=1e-4)
+    model(x, targets=x).loss.backward()
+    assert model.embed.parametrizations.weight.original.grad is None
+    assert model.embed.parametrizations.weight[0].token_delta["t"].grad is not None
+
+    save_adapter(model, tmp_path / "t", cfg, name="t")
+    fresh = build_model(cfg_model)
+    fresh.load_state_dict(_plain_state(model))
+    load_adapter(fresh.eval(), tmp_path / "t", name="t")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, tuned)
+        set_active(fresh, None)
+        torch.testing.assert_close(fresh(x).logits, plain)
+        set_active(fresh, ["t"])
+        merged = lora.merge_and_unload(fresh)
+        assert not any("parametrizations" in k for k in merged.state_dict())
+        torch.testing.assert_close(merged(x).logits, tuned, atol=1e-5, rtol=1e-5)
+    remove_adapter(model, "t")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, plain)
+    assert not any("parametrizations" in k for k in model.state_dict())
+    with pytest.raises(ValueError, match="must be resolved to ids"):
+        apply_adapter(model, AdapterConfig(method="ia3", trainable_tokens=["chat"]), "u")
+
+    class Tok:  # resolve_tokens reads special_tokens, encode, decode and render_chat
+        special_tokens = {"<|end|>": 5}
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    assert resolve_tokens(Tok(), ["<|end|>", "a"]) == [5, ord("a")]
+    with pytest.raises(ValueError, match="not one token"):
+        resolve_tokens(Tok(), ["ab"])
+
+
+def _plain_state(model):
+    """The base weights of a model carrying adapters, under the plain model's names."""
+    state = {}
+    for k, v in model.state_dict().items():
+        if any(m in k for m in ("lora_", "token_")):
+            continue
+        state[k.replace(".parametrizations.weight.original", ".weight").replace(".base_layer.", ".")] = v
+    return state
