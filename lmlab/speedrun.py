@@ -289,7 +289,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
 
 # --- evaluation -------------------------------------------------------------------------------------
 
-EVAL_VERSION = 2  # bump when what `evaluate` measures changes, so a rerun measures again
+EVAL_VERSION = 3  # bump when what `evaluate` measures changes, so a rerun measures again
 
 
 def evaluate(checkpoint: Path, train_cfg, tokenizer, eval_dir: Path, shard_dir: Path, limit: int, *,
@@ -517,7 +517,8 @@ def report_markdown(r: dict[str, Any]) -> str:
                   f"chat loss {_fmt(s['held_out_loss'])}.", "",
                   "Each held-out problem is the user's message in the chat template; the reply runs to the end of "
                   "the turn and is checked by the corpus's verifier. *Ended its turn*: the reply closed with the "
-                  "end-of-turn token (it kept to the chat format), right or wrong.", "",
+                  "template's end-of-turn token (it kept to the chat format; the base model stops at an end of "
+                  "document instead, if at all), right or wrong.", "",
                   "| task | base model: right | ended its turn | after SFT: right | ended its turn |",
                   "|---|---:|---:|---:|---:|",
                   *[f"| {task} | {_pct(chat[(task, 'before')]['accuracy'])} | "

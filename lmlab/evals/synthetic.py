@@ -270,12 +270,12 @@ def evaluate_chat(model, tokenizer, eval_dir: str | Path, *, tasks: Sequence[str
     scored by `verify` (a worked reply counts by its `Answer:` line). This is the format supervised fine-tuning
     teaches (the corpus's sft split asks the same kinds of problems); a base model that never saw the template
     scores near zero here, which is the point of measuring before and after. `answered` counts the replies that
-    ended their turn with the end-of-turn token, i.e. kept to the chat format, right or wrong. A problem whose
-    prompt leaves no room to answer in the model's context is left out before the first `limit` are taken.
-    Mode "chat"."""
+    ended with the template's end-of-turn token (not an end of document), i.e. kept to the chat format. A
+    problem whose prompt leaves no room to answer in the model's context is left out before the first `limit`
+    are taken. Mode "chat"."""
     from ..infer.generate import generate
     from ..infer.sampling import SamplingParams
-    from ..tokenizer.chat import end_of_turn_ids
+    from ..tokenizer.chat import end_of_turn_ids, turn_end_id
 
     context = model.cfg.max_seq_len
     asked: list[tuple[str, dict[str, Any], list[int]]] = []
@@ -288,14 +288,14 @@ def evaluate_chat(model, tokenizer, eval_dir: str | Path, *, tasks: Sequence[str
         asked += items[:limit]
     order = sorted(range(len(asked)), key=lambda i: len(asked[i][2]))
     replies, ended = [""] * len(asked), [False] * len(asked)
-    stop_ids = end_of_turn_ids(tokenizer)
+    stop_ids, turn_end = end_of_turn_ids(tokenizer), turn_end_id(tokenizer)
     for start in tqdm(range(0, len(order), batch_size), desc="chat", unit="batch", disable=not progress):
         rows = order[start:start + batch_size]
         room = context - max(len(asked[i][2]) for i in rows)
         params = SamplingParams(max_new_tokens=min(max_new_tokens, room), temperature=0.0, stop_token_ids=stop_ids)
         for i, c in zip(rows, generate(model, [asked[i][2] for i in rows], params, decode=tokenizer.decode),
                         strict=True):
-            replies[i], ended[i] = c.text.strip(), c.finish_reason == "stop"
+            replies[i], ended[i] = c.text.strip(), c.stop_reason == turn_end
     results = []
     for task in tasks:
         rows = [i for i, (t, _, _) in enumerate(asked) if t == task]

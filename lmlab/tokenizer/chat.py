@@ -433,15 +433,21 @@ def _render(tokenizer, messages, add_generation_prompt, tools, template) -> tupl
     return ids, mask
 
 
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn, for generation: the tokenizer's eos ids plus the special token its
-    chat template closes an assistant message with (lmlab's <|end|>, ChatML's <|im_end|>, Llama 3's <|eot_id|>),
-    found by rendering a one-turn chat and reading the last token of the assistant's loss mask."""
-    stops = list(getattr(tokenizer, "eos_ids", None) or [])
+def turn_end_id(tokenizer) -> int | None:
+    """The special token the tokenizer's chat template closes an assistant message with (lmlab's <|end|>, ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>), found by rendering a one-turn chat and reading the last token of the
+    assistant's loss mask; None when the template closes turns with plain text."""
     ids, mask = render_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
     trained = [i for i, m in zip(ids, mask, strict=True) if m]
     # only a special token (one that decoding with skip_special_tokens drops) can be a stop: a template that
     # closes turns with plain text ("\n") must not cut multi-line answers
-    if trained and trained[-1] not in stops and tokenizer.decode([trained[-1]], skip_special_tokens=True) == "":
-        stops.append(trained[-1])
-    return stops
+    if trained and tokenizer.decode([trained[-1]], skip_special_tokens=True) == "":
+        return trained[-1]
+    return None
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn, for generation: the tokenizer's eos ids and `turn_end_id`."""
+    stops = list(getattr(tokenizer, "eos_ids", None) or [])
+    end = turn_end_id(tokenizer)
+    return stops + ([end] if end is not None and end not in stops else [])
