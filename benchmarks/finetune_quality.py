@@ -99,6 +99,9 @@ def main() -> None:
     p.add_argument("--student-steps", type=int, default=1500, help="pretraining steps of the distillation student")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (the rest: data)")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--student-data", type=int, default=0,
+                   help="train the students on only this many conversations (0: all); the teacher saw all of them")
+    p.add_argument("--student-seed", type=int, default=0, help="data order of the two student runs")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     args = p.parse_args()
     if args.fresh:
@@ -120,7 +123,11 @@ def main() -> None:
 
     student = pretrain_student(args.speedrun, args.out, args.student_steps)
     teacher = Path(results["full"]["checkpoint"])
-    results["student_sft"] = sft_run("student-sft", student, synth, args.out, [])
+    limit = [f"data.limit={args.student_data}"] if args.student_data else []
+    limit += [f"train.seed={args.student_seed}"] if args.student_seed else []
+    suffix = (f"-n{args.student_data}" if args.student_data else "") + (
+        f"-s{args.student_seed}" if args.student_seed else "")
+    results["student_sft"] = sft_run(f"student-sft{suffix}", student, synth, args.out, limit)
 
     def distilled(cfg):
         model = load(teacher).eval()
@@ -128,8 +135,8 @@ def main() -> None:
             q.requires_grad_(False)
         return lambda _: distill_objective(model, "forward_kl", temperature=args.temperature, alpha=args.alpha)
 
-    results["student_distill"] = sft_run("student-distill", student, synth, args.out, [],
-                                         objective_factory=distilled)
+    results["student_distill"] = sft_run(f"student-distill-a{args.alpha:g}-t{args.temperature:g}{suffix}", student,
+                                         synth, args.out, limit, objective_factory=distilled)
     for name in ("student_sft", "student_distill"):
         results[name]["chat"] = chat_accuracy(student, Path(results[name]["checkpoint"]), synth, args.problems)
     results["student_base_chat"] = chat_accuracy(student, None, synth, args.problems)
@@ -140,8 +147,10 @@ def main() -> None:
             ("full fine-tuning", results["full"]["chat"], results["full"], "full"),
             ("LoRA r=4, all projections", results["lora"]["chat"], results["lora"], "lora"),
             ("student, pretrained only", results["student_base_chat"], None, None),
-            ("student, SFT on the data", results["student_sft"]["chat"], results["student_sft"], None),
-            ("student, distilled (forward KL)", results["student_distill"]["chat"], results["student_distill"], None)]
+            (f"student, SFT on the data{' (' + str(args.student_data) + ' chats)' if args.student_data else ''}",
+             results["student_sft"]["chat"], results["student_sft"], None),
+            (f"student, distilled (forward KL, alpha {args.alpha:g}, T {args.temperature:g})",
+             results["student_distill"]["chat"], results["student_distill"], None)]
     print("| model | trainable | " + " | ".join(tasks) + " | mean | ended its turn | held-out loss | forgetting |")
     print("|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|")
     for label, chat, run, _ in rows:
