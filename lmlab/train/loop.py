@@ -1,6 +1,7 @@
 """THE training loop: one loop for pretraining, SFT, reward models, DPO and distillation.
 
-What is trained is decided by the caller: an *objective* `(model, batch) -> (loss, metrics)` and
+What is trained is decided by the caller: an *objective* `(model, batch) -> (loss, metrics)` (which may
+carry `count(batch)`, the number of terms its mean loss averages, for token-weighted accumulation) and
 an iterator of batches that can report and restore its position (`state_dict` /
 `load_state_dict`, as `lmlab.data.loader.PackedLoader` does). Everything else is the loop's, and
 so every stage gets the same of it:
@@ -9,7 +10,8 @@ so every stage gets the same of it:
         lr = train.lr x schedule(step)                                  (train/schedule.py)
         for each of grad_accum micro-batches:                           gradient accumulation
             with autocast(bf16 | fp16):  loss = objective(model, batch)  mixed precision
-            backward(loss / grad_accum)    (x scale with fp16's GradScaler; DDP syncs the last)
+            backward(loss x weight)        (1 / grad_accum, or by token counts: _micro_weights;
+                                            x scale with fp16's GradScaler; DDP syncs the last)
         clip the global gradient norm; optimizer step; zero grads
         every log_every: a metrics line; every eval_every: evaluate; every save_every: checkpoint
 
@@ -181,6 +183,24 @@ def _grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return total
 
 
+def _micro_weights(objective: Objective, micro_batches: list, env: DistEnv, device: torch.device) -> list[float]:
+    """What each micro-batch's loss is multiplied by before backward, so that the step's gradient is that of the
+    mean over the whole global batch. A loss that is a mean over equal-sized micro-batches (pretraining) gets
+    1 / grad_accum. An objective with a `count(batch)` attribute (the number of terms its mean is over, e.g. the
+    assistant tokens of an SFT batch, which differ from batch to batch) gets count_i * dp_size / total, total
+    being the count over every micro-batch of every data-parallel process: each term then weighs the same
+    wherever it landed, as in one big batch (DDP and FSDP average gradients over the dp_size processes)."""
+    count = getattr(objective, "count", None)
+    if count is None:
+        return [1.0 / len(micro_batches)] * len(micro_batches)
+    counts = [float(count(b)) for b in micro_batches]
+    total = distributed.all_sum(torch.tensor(sum(counts), dtype=torch.float64, device=device), env)
+    total = float(total) / env.tp_size  # the processes of a tensor-parallel group share one batch
+    if total == 0:
+        raise ValueError("no micro-batch of this step has anything to learn from (count 0 everywhere)")
+    return [c * env.dp_size / total for c in counts]
+
+
 # --- the loop ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Iterator, *,
           env: DistEnv | None = None, evaluate: Evaluate | None = None,
@@ -289,13 +309,14 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
             multiplier = lr_multiplier(step, t.steps, cfg.schedule)
             _set_lr(optimizer, multiplier)
             lr = t.lr * multiplier  # what is logged (Muon's matrices follow optim.muon_lr x multiplier)
-            for micro in range(t.grad_accum):
-                batch = next(batches)
+            micro_batches = [next(batches) for _ in range(t.grad_accum)]
+            weights = _micro_weights(objective, micro_batches, env, device)
+            for micro, batch in enumerate(micro_batches):
                 sync = micro == t.grad_accum - 1  # DDP all-reduces gradients on the last backward only
                 no_sync = wrapped.no_sync if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext
                 with no_sync(), _autocast(t.precision, device):
                     loss, _ = objective(wrapped, batch)
-                    scaled = loss / t.grad_accum
+                    scaled = loss * weights[micro]
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 window_loss += scaled.detach().float()
             if scaler is not None:

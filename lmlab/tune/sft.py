@@ -228,6 +228,16 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return out.loss, {}
 
 
+def assistant_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How many terms the SFT mean is over: the batch's targets. The loop weighs micro-batches by it, so a step's
+    gradient is the mean over every assistant token of the global batch, however they fell into micro-batches
+    and processes (train/loop.py `_micro_weights`)."""
+    return (batch["targets"] != chat_data.IGNORE).sum()
+
+
+sft_loss.count = assistant_tokens
+
+
 def held_out_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], env: DistEnv,
                   objective: Callable = sft_loss) -> float:
     """The mean loss per assistant token over all held-out batches (of every process)."""
@@ -399,6 +409,8 @@ def finetune(cfg: FinetuneConfig, *, objective_factory: Callable[[nn.Module], Ca
         sample_prompts = ([[{"role": "user", "content": p}] for p in cfg.train.sample_prompts]
                           or [chat_data.prompt_of(c) for c in held_out[:cfg.data.eval_samples]])
         objective = objective_factory(model) if objective_factory is not None else sft_loss
+        if not hasattr(objective, "count"):  # a custom objective on SFT batches: a mean over the same tokens
+            objective.count = assistant_tokens
 
         def evaluate(m: nn.Module) -> dict[str, Any]:
             result: dict[str, Any] = {}
