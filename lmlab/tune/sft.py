@@ -20,6 +20,7 @@ What SFT adds to the loop (train/loop.py) is data and an objective:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -292,7 +293,7 @@ def pretraining_loss(model: nn.Module, cfg: FinetuneConfig, shards: str, seq_len
 
     seq_len = min(seq_len or cfg.data.seq_len, model.cfg.max_seq_len)
     tcfg = TrainConfig(model=model.cfg, data=DataConfig(path=shards, seq_len=seq_len),
-                       train=dataclasses.replace(cfg.train, batch_size=cfg.train.batch_size))
+                       train=cfg.train)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -323,6 +324,7 @@ def finetune(cfg: FinetuneConfig, *, objective_factory: Callable[[nn.Module], Ca
     from ..tokenizer import load_tokenizer, tokenizer_files
 
     cfg.validate()
+    cfg = copy.deepcopy(cfg)  # the run fills in train.steps (from data.epochs) and adapter.token_ids on its copy
     env = distributed.init(cfg.distributed, cfg.train.device)
     try:
         if cfg.adapter is not None and env.sharded:
