@@ -42,8 +42,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import CLOCKS, add_clock_argument  # benchmarks/common.py: scripts run as `python benchmarks/NAME.py`
 
 METHODS = ("full", "lora", "qlora")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -70,9 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: elapsed seconds; cpu: this process's CPU seconds, which other processes' load barely "
-                        "changes (with --threads 1 it is the step's work; with more it counts spinning too)")
+    add_clock_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)  # one method, in this process
@@ -213,7 +212,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     memory.reset_peak()
     losses, times = [step()], []  # the warm-up step allocates AdamW's state
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = CLOCKS[args.clock]
     steps = 1 if args.measure == "memory" else args.steps  # the peak is reached within the first two steps
     for _ in tqdm(range(steps), desc=f"{args.worker} ({args.measure})", leave=False, disable=args.no_progress):
         t = clock()

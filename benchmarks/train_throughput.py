@@ -34,13 +34,12 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import timed  # benchmarks/common.py: scripts run as `python benchmarks/NAME.py`
+from common import add_clock_argument, timed  # benchmarks/common.py: scripts run as `python benchmarks/NAME.py`
 from tqdm import tqdm
 
 # Model sizes; flags given on the command line override them.
@@ -82,9 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time lmlab with materialized logits (return_logits=True), the unfused loss")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per side and row (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: elapsed seconds; cpu: this process's CPU seconds, which other processes' load "
-                        "barely changes (with --threads 1 it is the step's work; with more it counts spinning too)")
+    add_clock_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -177,16 +174,6 @@ def make_step(side: Side, module: torch.nn.Module, opt: torch.optim.Optimizer,
     return step
 
 
-def cpu_timed(fn, repeats: int) -> list[float]:
-    """Like common.timed, in CPU seconds of this process (all its threads) instead of wall-clock seconds."""
-    times = []
-    for _ in range(repeats):
-        t = time.process_time()
-        fn()
-        times.append(time.process_time() - t)
-    return times
-
-
 def check_logits(hf, ours, vocab: int) -> float:
     ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -214,7 +201,7 @@ def run_row(label: str, sides: list[Side], initial: list[dict], micro_batches: l
     times = {name: [] for name in steps}
     for _ in tqdm(range(args.repeats), desc=label, leave=False, disable=args.no_progress):
         for name, step in steps.items():
-            times[name] += (timed if args.clock == "wall" else cpu_timed)(step, 1)
+            times[name] += timed(step, 1, args.clock)
     tokens = sum(x.numel() for x, _ in micro_batches)
     tok_s = {name: tokens / statistics.median(t) for name, t in times.items()}
     row = {"label": label, "compiled": compiled, "tokens_per_step": tokens, "warmup_loss": ref_loss,
