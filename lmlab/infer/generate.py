@@ -53,6 +53,7 @@ class Completion:
     stop_reason: the stop token id (int) or stop string (str) that ended it; None for "length".
     logprobs: log p(token) under the model, one per token_ids (with `logprobs=True`).
     logits: the raw logits (len(token_ids), vocab) on the CPU (with `output_logits=True`).
+    top_logprobs: per token, the n most likely (token id, logprob) of that step (the engine's `logprobs=n`).
     """
 
     token_ids: list[int]
@@ -61,6 +62,7 @@ class Completion:
     stop_reason: int | str | None = None
     logprobs: list[float] | None = None
     logits: torch.Tensor | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the n most likely (id, logprob)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class StreamChunk:
     logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # the n most likely (id, logprob) at this step
 
 
 class IncrementalDetokenizer:

@@ -1,0 +1,218 @@
+"""The paged KV cache of the serving engine (Kwon et al. 2023, "Efficient Memory Management for Large
+Language Model Serving with PagedAttention"), and prefix caching on top of it.
+
+Memory is one pool of fixed-size blocks per layer: block b holds the keys and values of `block_size`
+consecutive tokens of some sequence. A sequence owns a *block table*, the list of its blocks in order,
+so token t lives in slot `table[t // block_size] * block_size + t % block_size`. Sequences grow one
+block at a time and give their blocks back when they finish; no sequence reserves room for its
+maximum length, so many more sequences fit than with one contiguous buffer each.
+
+`BlockPool` is the allocator: a free list, a reference count per block, and the prefix cache. A full
+block of a prompt is registered under a key made of its tokens and its predecessor's identity, so a
+later request whose prompt starts with the same tokens takes the same blocks (reference count + 1)
+instead of recomputing them. A block whose count drops to zero stays in the cache, at the end of the
+free list: it is reused by a prefix hit until it is needed for new data (least recently freed first).
+The keys are exact (the block's tokens, not a hash of them), so a hit can never be a collision.
+
+`PagedStep` makes the paged pool look, for one forward pass, like the contiguous `KVCache` the model
+already understands: each row's context is gathered from its blocks, left-aligned to the widest row
+(`length` slots, padding in front), and the step's new tokens come right after it, right-padded. The
+keys of every row are then contiguous in slot order, so the model's causal, sliding-window and ALiBi
+masks, all written in slot distances, hold unchanged; new keys and values are written into their
+blocks as each layer computes them. Gathering copies each row's context once per layer and step,
+which costs the same order of memory traffic as reading it in attention: the right trade for a
+readable reference on CPU, where no paged-attention kernel exists.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from ..model.config import ModelConfig
+
+
+class BlockPool:
+    """Block ids 0..num_blocks-1 with reference counts, a free list and a prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.refs = [0] * num_blocks
+        # Blocks with no owner, oldest first: the next allocation takes the front. An OrderedDict so that a
+        # prefix hit can take a cached block out of the middle in O(1).
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cache: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent uid, tokens) -> block
+        self.key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> its key in the cache
+        self.uid_of: dict[int, int] = {}  # block -> the identity its successors' keys name
+        self._next_uid = 1  # uid 0 stands for "no parent": the first block of a sequence
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def allocate(self, n: int) -> list[int]:
+        """n fresh blocks (reference count 1), evicting cached ones if needed; raises when there are fewer."""
+        if n > len(self.free):
+            raise MemoryError(f"asked for {n} KV blocks, {len(self.free)} free")
+        blocks = []
+        for _ in range(n):
+            block, _ = self.free.popitem(last=False)
+            self._evict(block)
+            self.refs[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block. Freed blocks go to the back of the free list, the last block of
+        a sequence first, so that a prompt's later blocks are evicted before its earlier ones (which more
+        requests share)."""
+        for block in reversed(blocks):
+            if self.refs[block] <= 0:
+                raise RuntimeError(f"KV block {block} released more often than it was taken")
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free[block] = None
+
+    def lookup(self, tokens: Sequence[int], max_blocks: int) -> list[int]:
+        """The cached blocks holding tokens' first full blocks (at most max_blocks), each now referenced once
+        more: the longest prefix of the sequence that is already computed."""
+        if not self.prefix_caching:
+            return []
+        bs, found, parent = self.block_size, [], 0
+        for i in range(min(max_blocks, len(tokens) // bs)):
+            block = self.cache.get((parent, tuple(tokens[i * bs : (i + 1) * bs])))
+            if block is None:
+                break
+            if self.refs[block] == 0:
+                del self.free[block]
+            self.refs[block] += 1
+            found.append(block)
+            parent = self.uid_of[block]
+        return found
+
+    def register(self, table: Sequence[int], tokens: Sequence[int], start: int, end: int) -> None:
+        """Enter full blocks start..end-1 of a sequence (table, its tokens) into the prefix cache, now that their
+        keys and values are computed. A block whose content is already cached under another block stays
+        private: the table keeps its own copy, and the first one remains the shared one."""
+        if not self.prefix_caching:
+            return
+        bs = self.block_size
+        parent = self.uid_of.get(table[start - 1], None) if start > 0 else 0
+        for i in range(start, end):
+            block = table[i]
+            if parent is None:  # an earlier block was never registered (a duplicate): its successors cannot be
+                return
+            if block in self.key_of:
+                parent = self.uid_of[block]
+                continue
+            key = (parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            if key in self.cache:
+                parent = None
+                continue
+            self.cache[key], self.key_of[block] = block, key
+            self.uid_of[block], self._next_uid = self._next_uid, self._next_uid + 1
+            parent = self.uid_of[block]
+
+    def _evict(self, block: int) -> None:
+        key = self.key_of.pop(block, None)
+        if key is not None:
+            del self.cache[key]
+            del self.uid_of[block]
+
+    def check(self) -> None:
+        """Invariants, for tests: every block is either free (count 0) or owned (count > 0), never both."""
+        for b in range(self.num_blocks):
+            if (b in self.free) != (self.refs[b] == 0) or self.refs[b] < 0:
+                raise AssertionError(f"block {b}: refs={self.refs[b]}, free={b in self.free}")
+        for key, b in self.cache.items():
+            if self.key_of.get(b) != key:
+                raise AssertionError(f"prefix cache entry for block {b} is inconsistent")
+
+
+class PagedKVCache:
+    """The per-layer key/value pools: (num_blocks * block_size, n_kv_heads, head_dim) each."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None,
+                 dtype: torch.dtype = torch.float32):
+        shape = (num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.block_size = block_size
+        self.device = device
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+    def step(self, tables: Sequence[Sequence[int]], context: Sequence[int], new: Sequence[int]) -> PagedStep:
+        """A KVCache-like view for one forward pass over rows that each have context[i] tokens already in
+        the pool (blocks tables[i]) and feed new[i] tokens now."""
+        return PagedStep(self, tables, context, new)
+
+
+class PagedStep:
+    """One forward pass's view of the paged pool, with the interface of `model.cache.KVCache` (see the module
+    docstring for the slot layout). Slot s < length of row i holds context token s - (length - context[i]);
+    slot length + j holds the row's j-th new token."""
+
+    def __init__(self, pool: PagedKVCache, tables, context, new):
+        bs, device = pool.block_size, pool.device
+        B, L, T = len(context), max(context), max(new)
+        self.pool, self.length, self.max_len = pool, L, L + T
+        ctx = torch.tensor(list(context), dtype=torch.long)
+        n_new = torch.tensor(list(new), dtype=torch.long)
+        # flat slot index of every context token (left-padded: padding reads slot 0, and is masked)
+        width = max(1, max((len(t) for t in tables), default=1))
+        table = torch.zeros(B, width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(list(t), dtype=torch.long)
+        token = torch.arange(L)[None, :] - (L - ctx)[:, None]  # (B, L): token index, < 0 for padding
+        ctx_valid = token >= 0
+        token = token.clamp(min=0)
+        self.read_slots = (table.gather(1, token // bs) * bs + token % bs).masked_fill(~ctx_valid, 0).to(device)
+        # slots the new tokens are written to (right-padded rows: only the first new[i] are real)
+        new_token = ctx[:, None] + torch.arange(T)[None, :]
+        new_valid = torch.arange(T)[None, :] < n_new[:, None]
+        new_token = torch.where(new_valid, new_token, 0)
+        write = table.gather(1, (new_token // bs).clamp(max=width - 1)) * bs + new_token % bs
+        self.write_rows, self.write_cols = new_valid.nonzero(as_tuple=True)
+        self.write_slots = write[new_valid].to(device)
+        self.valid = torch.cat((ctx_valid, new_valid), dim=1).to(device)
+        self.n_tokens = ctx.to(device)
+        self.has_padding = not bool(self.valid.all())
+        self.new_valid = new_valid.to(device)
+        # a padding token repeats its row's last real position: ignored, and never past the model's range
+        last = (ctx + n_new - 1).clamp(min=0)[:, None]
+        self.positions = torch.where(new_valid, ctx[:, None] + torch.arange(T)[None, :], last).to(device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    def reserve(self, n: int, valid: torch.Tensor | None = None) -> None:
+        if n != self.max_len - self.length:
+            raise ValueError(f"this step feeds {self.max_len - self.length} tokens per row, not {n}")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (B, H, T, D) of the real tokens in their blocks; return context + new."""
+        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
+        rows, cols = self.write_rows, self.write_cols
+        pool_k.index_copy_(0, self.write_slots, k[rows, :, cols].to(pool_k.dtype))
+        pool_v.index_copy_(0, self.write_slots, v[rows, :, cols].to(pool_v.dtype))
+        if self.length == 0:
+            return k, v
+        ctx_k = pool_k[self.read_slots].permute(0, 2, 1, 3).to(k.dtype)  # (B, L, H, D) -> (B, H, L, D)
+        ctx_v = pool_v[self.read_slots].permute(0, 2, 1, 3).to(v.dtype)
+        return torch.cat((ctx_k, k), dim=2), torch.cat((ctx_v, v), dim=2)
+
+    def advance(self, n: int) -> None:
+        pass  # the engine keeps each sequence's length
