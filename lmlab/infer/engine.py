@@ -441,7 +441,8 @@ class Engine:
             return logits
         logits = apply_temperature(logits, torch.tensor([p.temperature if not p.greedy else 1.0 for p in ps]))
         if any(p.top_k for p in ps):
-            logits = top_k_filter(logits, torch.tensor([p.top_k or 0 for p in ps]))
+            V = logits.shape[-1]  # top_k >= V keeps everything (and a huge k must not overflow a tensor)
+            logits = top_k_filter(logits, torch.tensor([min(p.top_k or 0, V) for p in ps]))
         if any(p.top_p < 1.0 for p in ps):
             logits = top_p_filter(logits, torch.tensor([p.top_p for p in ps]))
         if any(p.min_p > 0.0 for p in ps):
