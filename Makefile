@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev,hf,data]"
+	$(PY) -m pip install --quiet -e ".[dev,hf,data,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)
