@@ -1445,6 +1445,103 @@ def add_distill_command(sub) -> None:
     p.set_defaults(func=cmd_distill)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lmlab.model import load
+
+    try:
+        from lmlab.infer.engine import Engine, EngineConfig
+        from lmlab.infer.server import serve
+    except ImportError as e:
+        raise UsageError(f"{e}") from None
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
+    if args.draft and args.speculative == "ngram":
+        raise UsageError("--draft and --speculative ngram are two kinds of speculation; give one")
+    if args.draft and not Path(args.draft).is_dir():
+        raise UsageError(f"--draft {args.draft} is not a directory; give a checkpoint directory")
+    if args.graceful_timeout is not None and args.graceful_timeout <= 0:
+        raise UsageError(f"--graceful-timeout must be positive, got {args.graceful_timeout}")
+    tokenizer = _tokenizer_from(args.model)
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    model = load(args.model, device=device, dtype=dtype).eval()
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise UsageError(
+            f"the tokenizer in {args.model} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+            f"{model.cfg.vocab_size}: they do not belong together; copy in the tokenizer the model was trained with"
+        )
+    draft = None
+    if args.draft:
+        draft = load(args.draft, device=device, dtype=dtype).eval()
+        draft_tokenizer = _tokenizer_from(args.draft)
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size or any(
+                draft_tokenizer.token_bytes(i) != tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)):
+            raise UsageError(f"--draft {args.draft} has a different tokenizer than --model {args.model}; a draft "
+                             "model must share the target's tokenizer")
+    config = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
+                          max_batch_tokens=args.max_batch_tokens, prefix_caching=not args.no_prefix_caching,
+                          speculative="draft" if draft is not None else args.speculative,
+                          num_speculative_tokens=args.num_speculative_tokens)
+    try:
+        engine = Engine(model, tokenizer, config, draft=draft)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    name = args.served_model_name or Path(args.model).resolve().name
+    api_key = args.api_key or os.environ.get("LMLAB_API_KEY") or None
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use the "
+              "model; set --api-key or LMLAB_API_KEY", file=sys.stderr)
+    print(f"serving {name!r}: {model.cfg.max_seq_len}-token context, {engine.stats().blocks_total} KV blocks of "
+          f"{config.block_size} tokens; the chat page is at /, the API under /v1", file=sys.stderr)
+    serve(engine, model_name=name, host=args.host, port=args.port, api_key=api_key,
+          max_request_bytes=args.max_request_bytes, graceful_timeout=args.graceful_timeout,
+          log_level=args.log_level)
+    return 0
+
+
+def add_serve_command(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    s = sub.add_parser(
+        "serve", formatter_class=fmt, help="serve a checkpoint over an OpenAI-compatible HTTP API",
+        description="Serve a checkpoint over HTTP with the OpenAI API (/v1/models, /v1/completions, "
+                    "/v1/chat/completions, streaming, tools, JSON mode), /health, /metrics (Prometheus) and a chat "
+                    "page at /. Requests are batched continuously by the engine over a paged KV cache; --draft or "
+                    "--speculative ngram adds speculative decoding. SIGTERM or Ctrl-C stops accepting connections, "
+                    "finishes the requests in flight, then exits (a second Ctrl-C exits at once). "
+                    "See docs/serving.md.",
+    )
+    s.add_argument("--model", required=True, help="checkpoint directory (lmlab or Hugging Face) with its tokenizer")
+    s.add_argument("--served-model-name", default=None,
+                   help="the name clients send as \"model\"; None: the checkpoint directory's name")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, printed at start)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/*; None: the LMLAB_API_KEY environment "
+                        "variable (which keeps the key out of the process list), and without it no auth")
+    s.add_argument("--draft", metavar="DIR", default=None,
+                   help="a smaller checkpoint with the same tokenizer that proposes tokens for the model to verify "
+                        "(speculative decoding; the output distribution is unchanged)")
+    s.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="model-free speculative decoding: propose tokens copied from earlier in the text")
+    s.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens proposed per step when speculating")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    s.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPU, float32 on CPU")
+    s.add_argument("--max-num-seqs", type=int, default=32, help="requests generated at the same time (others wait)")
+    s.add_argument("--max-batch-tokens", type=int, default=512,
+                   help="tokens fed to the model in one step (decodes + prefill chunks); bounds step latency")
+    s.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    s.add_argument("--num-blocks", type=int, default=None,
+                   help="KV-cache blocks; None: room for --max-num-seqs full contexts, at most 2 GiB")
+    s.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share the KV blocks of prompts' common prefixes between requests")
+    s.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    s.add_argument("--graceful-timeout", type=float, default=None,
+                   help="on shutdown, wait at most this many seconds for requests in flight; None: until done")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (info logs every request)")
+    s.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmlab",
@@ -1532,6 +1629,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sft_command(sub)
     add_adapter_commands(sub)
     add_distill_command(sub)
+    add_serve_command(sub)
     return parser
 
 
