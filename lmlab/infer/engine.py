@@ -449,14 +449,20 @@ class Engine:
             logits = min_p_filter(logits, torch.tensor([p.min_p for p in ps]))
         return logits
 
-    def _sample(self, reqs: list[Request], raw: torch.Tensor) -> list[Request]:
-        """The next token of each request from its raw logits (R, V); returns the requests that finished."""
-        logits = self._processed(reqs, raw)
+    @staticmethod
+    def _pick(reqs: Sequence[Request], logits: torch.Tensor) -> torch.Tensor:
+        """One token per row of processed logits: the argmax for greedy requests, a draw from each sampled
+        request's own generator (or the global RNG) otherwise; greedy rows draw no noise."""
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
         if sampled:
             idx = torch.tensor(sampled, device=logits.device)
             tokens[idx] = sample_from_logits(logits[idx], [reqs[i].generator for i in sampled])
+        return tokens
+
+    def _sample(self, reqs: list[Request], raw: torch.Tensor) -> list[Request]:
+        """The next token of each request from its raw logits (R, V); returns the requests that finished."""
+        tokens = self._pick(reqs, self._processed(reqs, raw))
         logprobs = raw.float().log_softmax(dim=-1) if any(r.want_logprobs is not None for r in reqs) else None
         finished = []
         for i, (req, tok) in enumerate(zip(reqs, tokens.tolist(), strict=True)):
@@ -577,11 +583,7 @@ class Engine:
                 raw = torch.nn.functional.pad(raw, (0, V - raw.shape[-1]), value=float("-inf"))
             sub = [reqs[i] for i in live]
             processed = self._processed(sub, raw)
-            tokens = processed.argmax(dim=-1)
-            sampled = [n for n, r in enumerate(sub) if not r.params.greedy]
-            if sampled:
-                idx = torch.tensor(sampled, device=processed.device)
-                tokens[idx] = sample_from_logits(processed[idx], [sub[n].generator for n in sampled])
+            tokens = self._pick(sub, processed)
             q = processed.softmax(dim=-1)
             for n, i in enumerate(live):
                 tok = int(tokens[n])
