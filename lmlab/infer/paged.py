@@ -186,6 +186,8 @@ class PagedStep:
         write = table.gather(1, (new_token // bs).clamp(max=width - 1)) * bs + new_token % bs
         self.write_rows, self.write_cols = new_valid.nonzero(as_tuple=True)
         self.write_slots = write[new_valid].to(device)
+        # every key of the step, context and new, read back from the pool in one gather (padding reads slot 0)
+        self.read_slots = torch.cat((self.read_slots, torch.where(new_valid, write, 0).to(device)), dim=1)
         self.valid = torch.cat((ctx_valid, new_valid), dim=1).to(device)
         self.n_tokens = ctx.to(device)
         self.has_padding = not bool(self.valid.all())
@@ -203,16 +205,19 @@ class PagedStep:
             raise ValueError(f"this step feeds {self.max_len - self.length} tokens per row, not {n}")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values (B, H, T, D) of the real tokens in their blocks; return context + new."""
+        """Store the new keys/values (B, H, T, D) of the real tokens in their blocks; return context + new,
+        gathered from the pool in one copy (B, H, L + T, D)."""
         pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
         rows, cols = self.write_rows, self.write_cols
         pool_k.index_copy_(0, self.write_slots, k[rows, :, cols].to(pool_k.dtype))
         pool_v.index_copy_(0, self.write_slots, v[rows, :, cols].to(pool_v.dtype))
         if self.length == 0:
             return k, v
-        ctx_k = pool_k[self.read_slots].permute(0, 2, 1, 3).to(k.dtype)  # (B, L, H, D) -> (B, H, L, D)
-        ctx_v = pool_v[self.read_slots].permute(0, 2, 1, 3).to(v.dtype)
-        return torch.cat((ctx_k, k), dim=2), torch.cat((ctx_v, v), dim=2)
+        B, S = self.read_slots.shape
+        flat = self.read_slots.reshape(-1)
+        keys = pool_k.index_select(0, flat).view(B, S, *pool_k.shape[1:]).transpose(1, 2)
+        values = pool_v.index_select(0, flat).view(B, S, *pool_v.shape[1:]).transpose(1, 2)
+        return keys.to(k.dtype), values.to(v.dtype)
 
     def advance(self, n: int) -> None:
         pass  # the engine keeps each sequence's length
