@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -1542,6 +1543,229 @@ def add_serve_command(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmlab.evals.harness import EvalConfig, evaluate, helm_table, markdown_table, write_results
+    from lmlab.evals.lm import LM, bits_per_byte
+    from lmlab.model import load
+
+    if not args.tasks and not args.text:
+        raise UsageError("nothing to evaluate: give --tasks (e.g. --tasks arc_easy,hellaswag) and/or --text FILE")
+    config = EvalConfig(tasks=args.tasks.split(",") if args.tasks else ["arc_easy"], limit=args.limit,
+                        shots=args.shots, seed=args.seed, samples=args.samples, temperature=args.temperature,
+                        top_p=args.top_p, cot=args.cot, perturbations=_csv(args.perturb),
+                        contamination=list(args.contamination or []), corpus_dir=args.synthetic_dir)
+    for path in config.contamination:
+        if not Path(path).exists():
+            raise UsageError(f"--contamination {path} does not exist; give the training data (files or directories)")
+    device = _device(args.device)
+    model = load(args.model, device=device, dtype=_dtype(args.dtype, device))
+    lm = LM(model, _tokenizer_from(args.model), name=Path(args.model).resolve().name, batch_size=args.batch_size,
+            progress=True)
+    record: dict = {}
+    with torch.inference_mode():
+        if args.tasks:
+            record = evaluate(lm, config, model_path=str(args.model))
+            print(markdown_table(record))
+            print()
+            print(helm_table(record))
+        if args.text:
+            texts = [Path(f).read_text(encoding="utf-8") for f in args.text]
+            lls = lm.loglikelihood_rolling(texts)
+            rows = []
+            for f, text, ll in zip(args.text, texts, lls, strict=True):
+                n_tokens, n_bytes = len(lm.tokenizer.encode(text)), len(text.encode())
+                rows.append({"file": str(f), "tokens": n_tokens, "bytes": n_bytes, "loglikelihood": ll,
+                             "perplexity": math.exp(-ll / n_tokens), "bits_per_byte": bits_per_byte(ll, n_bytes)})
+                print(f"{f}: perplexity {rows[-1]['perplexity']:.3f} per token, "
+                      f"{rows[-1]['bits_per_byte']:.4f} bits per byte ({n_tokens} tokens, {n_bytes} bytes)")
+            record["perplexity"] = rows
+    if args.out:
+        path = write_results(record, args.out)
+        if args.plot and args.samples > 1:
+            from lmlab.evals.testtime import plot_scaling, scaling_curves
+
+            curves = scaling_curves(record)
+            if curves:
+                plot_scaling(curves, args.plot)
+                print(f"test-time compute plot: {args.plot}", file=sys.stderr)
+        print(f"results (config, metrics, every sample): {path}", file=sys.stderr)
+    return 0
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+# what `lmlab eval --help` lists (kept in step with lmlab.evals.tasks by tests/test_cli.py; not imported here so
+# that building the parser stays cheap)
+EVAL_TASKS = ("mmlu, hellaswag, arc_easy, arc_challenge, truthfulqa_mc1, truthfulqa_mc2, gsm8k, humaneval, mbpp, "
+              "synthetic_add, synthetic_sub, synthetic_mul, synthetic_kv, synthetic_copy, synthetic_story_qa")
+EVAL_GROUPS = "arc, truthfulqa_mc, synthetic"
+
+
+def add_eval_command(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    e = sub.add_parser(
+        "eval", formatter_class=fmt, help="evaluate a checkpoint on benchmarks (MMLU, HellaSwag, ARC, GSM8K, ...)",
+        description="Evaluate a checkpoint (lmlab or Hugging Face) on benchmarks read through the data registry: "
+                    "multiple choice by log-likelihood (acc, and acc_norm per character, as lm-evaluation-harness "
+                    "defines them), generation through the inference engine with answer extraction (GSM8K's "
+                    "final number, HumanEval/MBPP unit tests in a sandbox). Prints a table of metrics with "
+                    "standard errors and a HELM-style view (accuracy, calibration ECE, robustness under "
+                    "--perturb, tokens/s, contamination by --contamination data); --out writes every sample. "
+                    f"Tasks: {EVAL_TASKS}. Groups: {EVAL_GROUPS}. See docs/evaluation.md.",
+    )
+    e.add_argument("--model", required=True, help="checkpoint directory (lmlab or Hugging Face) with its tokenizer")
+    e.add_argument("--tasks", default=None, help="comma-separated tasks or groups, e.g. mmlu,hellaswag,arc")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N documents of each task "
+                   "(of each subject for MMLU); None: all")
+    e.add_argument("--shots", type=int, default=None,
+                   help="few-shot examples per prompt; None: each task's default (MMLU 5, GSM8K 8, MBPP 3, else 0)")
+    e.add_argument("--seed", type=int, default=1234, help="seeds the choice of few-shot examples and sampling")
+    e.add_argument("--cot", action=argparse.BooleanOptionalAction, default=None,
+                   help="chain of thought in the examples and the answer; None: the task's default (on for GSM8K)")
+    e.add_argument("--samples", type=int, default=1,
+                   help="generations per document: with n > 1, maj@n (self-consistency) and pass@k are reported")
+    e.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of generation (0: greedy)")
+    e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for generation")
+    e.add_argument("--perturb", default=None,
+                   help="robustness: re-run each task with its questions perturbed (typos, lowercase, uppercase)")
+    e.add_argument("--contamination", nargs="+", metavar="PATH", default=None,
+                   help="the model's training data (text/jsonl/parquet files or directories): mark documents whose "
+                        "13-grams occur in it and report accuracy on the clean rest")
+    e.add_argument("--synthetic-dir", default=None,
+                   help="the synthetic corpus (from `lmlab data synth`) the synthetic tasks read; None: the registry's")
+    e.add_argument("--text", nargs="+", metavar="FILE", default=None,
+                   help="also report perplexity and bits per byte of these text files")
+    e.add_argument("--batch-size", type=int, default=16, help="rows per log-likelihood forward pass")
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    e.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPU, float32 on CPU")
+    e.add_argument("--out", default=None, help="write the results JSON (configuration, metrics, every sample) here")
+    e.add_argument("--plot", default=None,
+                   help="with --samples > 1 and --out: write the accuracy-vs-samples plot (PNG) here")
+    e.set_defaults(func=cmd_eval)
+
+
+def _generator(spec: str, args: argparse.Namespace, what: str, model_name: str | None = None):
+    """A model to generate with: a checkpoint directory (through the engine) or an OpenAI-compatible URL."""
+    from lmlab.evals.lm import LM, OpenAIEndpoint
+
+    if spec.startswith(("http://", "https://")):
+        if not model_name:
+            flag = "--model-name" if what == "--model" else f"{what}-model"
+            raise UsageError(f"{what} {spec} is an endpoint: name the model it serves with {flag}")
+        return OpenAIEndpoint(spec, model_name, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
+    if not Path(spec).is_dir():
+        raise UsageError(f"{what} {spec} is neither a checkpoint directory nor an http(s):// endpoint URL")
+    from lmlab.model import load
+
+    device = _device(args.device)
+    model = load(spec, device=device, dtype=_dtype(args.dtype, device))
+    return LM(model, _tokenizer_from(spec), name=Path(spec).resolve().name, progress=True)
+
+
+def _write_json(data: dict, path: str) -> None:
+    from lmlab.atomic import atomic_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"every prompt, output and verdict: {path}", file=sys.stderr)
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from lmlab.evals import judge as J
+
+    rubric = Path(args.rubric).read_text(encoding="utf-8") if args.rubric else J.DEFAULT_RUBRIC
+    model = _generator(args.judge, args, "--judge", args.judge_model)
+    if args.judge_command == "pairwise":
+        report = J.compare(model, J.load_pairs(args.pairs), rubric=rubric, max_new_tokens=args.max_new_tokens)
+    else:
+        report = J.grade(model, J.load_answers(args.answers), rubric=rubric, max_new_tokens=args.max_new_tokens)
+    print(report.to_markdown())
+    if args.out:
+        _write_json(report.to_dict(), args.out)
+    return 0
+
+
+def cmd_redteam(args: argparse.Namespace) -> int:
+    from lmlab.evals import redteam as R
+
+    goals = R.load_goals(args.goals) if args.goals else list(R.BUILTIN_GOALS)
+    categories = _csv(args.categories) or list(R.ATTACK_CATEGORIES)
+    target = _generator(args.model, args, "--model", args.model_name)
+    attacks = R.templated_attacks(goals, categories, n_shots=args.shots, seed=args.seed)
+    if args.attacker:
+        attacker = _generator(args.attacker, args, "--attacker", args.attacker_model)
+        attacks += R.generated_attacks(attacker, goals, categories, n_per_goal=args.generated, seed=args.seed)
+    judge = _generator(args.judge, args, "--judge", args.judge_model) if args.judge else None
+    report = R.run_redteam(target, attacks, judge=judge, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(report.to_markdown())
+    if args.out:
+        _write_json(report.to_dict(), args.out)
+    return 0
+
+
+def _endpoint_arguments(p, *names: str) -> None:
+    for name in names:
+        p.add_argument("--model-name" if name == "model" else f"--{name}-model", default=None,
+                       help=f"with an endpoint URL as --{name}: the model name it serves")
+    p.add_argument("--api-key", default=None, help="Bearer key for endpoint URLs; None: OPENAI_API_KEY if set")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (checkpoint directories)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPU, float32 on CPU")
+
+
+def add_judge_commands(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    j = sub.add_parser(
+        "judge", help="LLM-as-judge: grade answers on a rubric or compare two answers",
+        description="A judge model (a checkpoint directory, or any OpenAI-compatible endpoint URL such as "
+                    "`lmlab serve` or a hosted model) grades answers 1-10 against a rubric (`grade`) or compares "
+                    "two answers (`pairwise`, judged in both orders to cancel position bias; a win needs both "
+                    "orders to agree). With reference labels, reports agreement and Cohen's kappa. "
+                    "See docs/judge_redteam.md.")
+    jsub = j.add_subparsers(dest="judge_command", metavar="<command>", required=True)
+    for name, what in (("pairwise", "pairs"), ("grade", "answers")):
+        p = jsub.add_parser(
+            name, formatter_class=fmt,
+            help="compare answer_a and answer_b per question" if name == "pairwise" else "rate one answer per question",
+            description=("jsonl of {question, answer_a, answer_b[, label: A|B|tie][, reference]}: verdicts in both "
+                         "orders, win/tie/loss rates, position consistency, agreement with labels"
+                         if name == "pairwise" else
+                         "jsonl of {question, answer[, reference]}: a 1-10 rating per answer and their mean"))
+        p.add_argument(f"--{what}", required=True, metavar="FILE", help="the jsonl file to judge")
+        p.add_argument("--judge", required=True, help="checkpoint directory or endpoint URL (http://host:port/v1)")
+        p.add_argument("--rubric", default=None, metavar="FILE", help="rubric text; None: helpfulness, correctness, "
+                       "harmlessness, concision")
+        p.add_argument("--max-new-tokens", type=int, default=512, help="tokens the judge may write per verdict")
+        p.add_argument("--out", default=None, help="write every prompt, judge output and verdict as JSON here")
+        _endpoint_arguments(p, "judge")
+        p.set_defaults(func=cmd_judge)
+
+    r = sub.add_parser(
+        "redteam", formatter_class=fmt, help="attack a model over six categories and report attack success rates",
+        description="Send attacks to a model (checkpoint directory or endpoint URL): templated attacks over six "
+                    "categories (direct, indirect, multi_step, encoding, persona, many_shot) for each goal, plus "
+                    "attacks written by an --attacker model. Responses are classified by refusal rules, or by a "
+                    "--judge model when given; prints the attack success rate per category. The built-in goals "
+                    "are mild, standard test requests; give your own with --goals. See docs/judge_redteam.md.")
+    r.add_argument("--model", required=True, help="the model under test: checkpoint directory or endpoint URL")
+    r.add_argument("--goals", default=None, metavar="FILE",
+                   help="one goal per line, or jsonl with goal[, category]; None: the built-in goals")
+    r.add_argument("--categories", default=None, help="comma-separated attack categories; None: all six")
+    r.add_argument("--shots", type=int, default=32, help="faux dialogue turns in many-shot attacks")
+    r.add_argument("--attacker", default=None, help="a model that writes further attacks (directory or URL)")
+    r.add_argument("--generated", type=int, default=1, help="attacks the attacker writes per goal and category")
+    r.add_argument("--judge", default=None, help="a model that decides whether a response complied (directory or URL)")
+    r.add_argument("--max-new-tokens", type=int, default=256, help="tokens the model may answer each attack with")
+    r.add_argument("--seed", type=int, default=0, help="seeds template and shot choices")
+    r.add_argument("--out", default=None, help="write every attack, response and decision as JSON here")
+    _endpoint_arguments(r, "model", "attacker", "judge")
+    r.set_defaults(func=cmd_redteam)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmlab",
@@ -1630,6 +1854,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_commands(sub)
     add_distill_command(sub)
     add_serve_command(sub)
+    add_eval_command(sub)
+    add_judge_commands(sub)
     return parser
 
 
@@ -1639,7 +1865,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for attr in ("model", "from_hf", "to_hf"):
         path = getattr(args, attr, None)
-        if path is not None and not Path(path).is_dir():
+        if path is not None and not str(path).startswith(("http://", "https://")) and not Path(path).is_dir():
             print(f"error: {path} is not a directory", file=sys.stderr)
             return 2
     try:

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tqdm.auto import tqdm
-
 from ..data.synthetic import OPS, WORKED, arith_operands, verify
 
 ARITH_TASKS = tuple(OPS)  # add, sub, mul
@@ -128,33 +126,21 @@ def complete(model, tokenizer: TokenizerLike, prompts: Sequence[str], max_new_to
     """Greedy completions of `prompts`, each encoded after `prefix_ids` (e.g. the document
     separator the model was trained with, so that a prompt reads as the start of a document).
 
-    max_new_tokens may be one number or one per prompt. Prompts are batched in order of their
-    budget, so that a short answer does not wait for a long one, and each completion is cut to its
-    own budget: every prompt gets what it would get alone (greedy decoding does not depend on the
-    batch, see lmlab.infer.generate)."""
-    from ..infer.generate import generate
+    max_new_tokens may be one number or one per prompt. Generation goes through the inference engine, which
+    batches the prompts continuously (`batch_size` caps how many run at once); each prompt gets what it would
+    get alone (greedy decoding does not depend on the batch)."""
+    from ..infer.engine import EngineConfig
     from ..infer.sampling import SamplingParams
+    from .lm import LM
 
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
         raise ValueError(f"{len(budgets)} max_new_tokens for {len(prompts)} prompts")
-    order = sorted(range(len(prompts)), key=lambda i: budgets[i])
-    texts: list[str] = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
-        rows = order[start:start + batch_size]
-        params = SamplingParams(max_new_tokens=max(budgets[i] for i in rows), temperature=0.0,
-                                stop_token_ids=list(stop_token_ids), stop=list(stop))
-        ids = [list(prefix_ids) + tokenizer.encode(prompts[i]) for i in rows]
-        for i, c in zip(rows, generate(model, ids, params, decode=tokenizer.decode), strict=True):
-            own = c.token_ids[:budgets[i]]
-            texts[i] = c.text if len(own) == len(c.token_ids) else _cut(tokenizer.decode(own), stop)
-    return texts
-
-
-def _cut(text: str, stop: Sequence[str]) -> str:
-    """`text` up to the first of the stop strings, as generation would have cut it."""
-    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[:min(ends)] if ends else text
+    lm = LM(model, tokenizer, engine_config=EngineConfig(max_num_seqs=batch_size), progress=progress)
+    params = [SamplingParams(max_new_tokens=b, temperature=0.0, stop_token_ids=list(stop_token_ids), stop=list(stop))
+              for b in budgets]
+    ids = [list(prefix_ids) + tokenizer.encode(p) for p in prompts]
+    return [c.text for c in lm.generate(ids, params)]
 
 
 # --- the evaluations -------------------------------------------------------------------------------
@@ -273,9 +259,10 @@ def evaluate_chat(model, tokenizer, eval_dir: str | Path, *, tasks: Sequence[str
     ended with the template's end-of-turn token (not an end of document), i.e. kept to the chat format. A
     problem whose prompt leaves no room to answer in the model's context is left out before the first `limit`
     are taken. Mode "chat"."""
-    from ..infer.generate import generate
+    from ..infer.engine import EngineConfig
     from ..infer.sampling import SamplingParams
     from ..tokenizer.chat import end_of_turn_ids, turn_end_id
+    from .lm import LM
 
     context = model.cfg.max_seq_len
     asked: list[tuple[str, dict[str, Any], list[int]]] = []
@@ -286,16 +273,13 @@ def evaluate_chat(model, tokenizer, eval_dir: str | Path, *, tasks: Sequence[str
             if len(ids) < context:
                 items.append((task, item, ids))
         asked += items[:limit]
-    order = sorted(range(len(asked)), key=lambda i: len(asked[i][2]))
-    replies, ended = [""] * len(asked), [False] * len(asked)
     stop_ids, turn_end = end_of_turn_ids(tokenizer), turn_end_id(tokenizer)
-    for start in tqdm(range(0, len(order), batch_size), desc="chat", unit="batch", disable=not progress):
-        rows = order[start:start + batch_size]
-        room = context - max(len(asked[i][2]) for i in rows)
-        params = SamplingParams(max_new_tokens=min(max_new_tokens, room), temperature=0.0, stop_token_ids=stop_ids)
-        for i, c in zip(rows, generate(model, [asked[i][2] for i in rows], params, decode=tokenizer.decode),
-                        strict=True):
-            replies[i], ended[i] = c.text.strip(), c.stop_reason == turn_end
+    lm = LM(model, tokenizer, engine_config=EngineConfig(max_num_seqs=batch_size), progress=progress)
+    params = [SamplingParams(max_new_tokens=min(max_new_tokens, context - len(ids)), temperature=0.0,
+                             stop_token_ids=stop_ids) for _, _, ids in asked]
+    completions = lm.generate([ids for _, _, ids in asked], params)
+    replies = [c.text.strip() for c in completions]
+    ended = [c.stop_reason == turn_end for c in completions]
     results = []
     for task in tasks:
         rows = [i for i, (t, _, _) in enumerate(asked) if t == task]
