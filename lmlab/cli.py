@@ -1581,15 +1581,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 print(f"{f}: perplexity {rows[-1]['perplexity']:.3f} per token, "
                       f"{rows[-1]['bits_per_byte']:.4f} bits per byte ({n_tokens} tokens, {n_bytes} bytes)")
             record["perplexity"] = rows
+    if args.samples > 1 and record.get("samples"):
+        from lmlab.evals.testtime import LikelihoodVerifier, plot_scaling, scaling_curves
+
+        verifier = None
+        if args.verifier:
+            judge = lm if args.verifier == "self" else LM.from_dir(args.verifier, device=device,
+                                                                   batch_size=args.batch_size, progress=True)
+            verifier = LikelihoodVerifier(judge)
+        curves = scaling_curves(record, verifier)
+        record["test_time_compute"] = curves
+        for task, task_curves in curves.items():
+            for name, points in task_curves.items():
+                print(f"{task} {name}: " + ", ".join(f"k={k} {100 * a:.1f}%" for k, a in points))
+        if args.plot and curves:
+            plot_scaling(curves, args.plot)
+            print(f"test-time compute plot: {args.plot}", file=sys.stderr)
     if args.out:
         path = write_results(record, args.out)
-        if args.plot and args.samples > 1:
-            from lmlab.evals.testtime import plot_scaling, scaling_curves
-
-            curves = scaling_curves(record)
-            if curves:
-                plot_scaling(curves, args.plot)
-                print(f"test-time compute plot: {args.plot}", file=sys.stderr)
         print(f"results (config, metrics, every sample): {path}", file=sys.stderr)
     return 0
 
@@ -1644,7 +1653,11 @@ def add_eval_command(sub) -> None:
     e.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPU, float32 on CPU")
     e.add_argument("--out", default=None, help="write the results JSON (configuration, metrics, every sample) here")
     e.add_argument("--plot", default=None,
-                   help="with --samples > 1 and --out: write the accuracy-vs-samples plot (PNG) here")
+                   help="with --samples > 1: write the accuracy-vs-samples plot (PNG) here: self-consistency maj@k, "
+                        "best-of-k with --verifier, and pass@k")
+    e.add_argument("--verifier", default=None, metavar="DIR",
+                   help="best-of-k: rank the samples by this model's mean log-probability of each output ('self': "
+                        "the evaluated model)")
     e.set_defaults(func=cmd_eval)
 
 

@@ -125,3 +125,15 @@ def test_eval_command(tiny_base, tmp_path, capsys):
     assert record["results"]["arc_easy"]["n"] == 2 and record["perplexity"][0]["bits_per_byte"] > 0
     assert main(["eval", "--model", str(tiny_base)]) == 1
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_eval_command_test_time_compute(tiny_base, tmp_path, capsys):
+    from lmlab.cli import main
+
+    out, plot = tmp_path / "tt.json", tmp_path / "tt.png"
+    assert main(["eval", "--model", str(tiny_base), "--tasks", "gsm8k", "--limit", "2", "--shots", "0",
+                 "--samples", "2", "--temperature", "1.0", "--verifier", "self", "--plot", str(plot),
+                 "--out", str(out)]) == 0
+    curves = json.loads(out.read_text())["test_time_compute"]["gsm8k"]
+    assert set(curves) == {"maj", "best_of", "pass"} and [k for k, _ in curves["maj"]] == [1, 2]
+    assert plot.read_bytes()[:4] == b"\x89PNG" and "gsm8k maj: k=1" in capsys.readouterr().out

@@ -54,6 +54,11 @@ class SyntheticTask(GenerationTask):
     def doc_to_target(self, doc: dict) -> str:
         return self._reference(doc)[1]
 
+    def doc_text_for_contamination(self, doc: dict) -> str:
+        # the question only: the worked solutions share their wording across every problem by design, so their
+        # 13-grams are in training whatever the numbers
+        return doc["prompt"]
+
     def stops(self) -> tuple[str, ...]:  # a drill or a question is answered on its line
         return () if self.mode == "worked" else ("\n",)
 
