@@ -1607,7 +1607,7 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
-# what `lmlab eval --help` lists (kept in step with lmlab.evals.tasks by tests/test_cli.py; not imported here so
+# what `lmlab eval --help` lists (kept in step with lmlab.evals.tasks by tests/evals/test_tasks.py; not imported so
 # that building the parser stays cheap)
 EVAL_TASKS = ("mmlu, hellaswag, arc_easy, arc_challenge, truthfulqa_mc1, truthfulqa_mc2, gsm8k, humaneval, mbpp, "
               "synthetic_add, synthetic_sub, synthetic_mul, synthetic_kv, synthetic_copy, synthetic_story_qa")

@@ -228,7 +228,8 @@ def _contamination(results: dict[str, dict], train: Sequence[str], progress: boo
             sample["contaminated"] = i in flagged
         clean = [s for s in r["samples"] if not s["contaminated"]]
         metric = r["metric"]
-        r["helm"]["contamination_percent"] = report.percent
+        # None when no document is long enough to hold a 13-gram: nothing could be checked
+        r["helm"]["contamination_percent"] = report.percent if report.checked else None
         r["helm"]["accuracy_clean"] = (sum(s[metric] for s in clean) / len(clean)) if clean else None
 
 
