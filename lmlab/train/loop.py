@@ -1,6 +1,7 @@
 """THE training loop: one loop for pretraining, SFT, reward models, DPO and distillation.
 
-What is trained is decided by the caller: an *objective* `(model, batch) -> (loss, metrics)` (which may
+What is trained is decided by the caller: an *objective* `(model, batch) -> (loss, metrics)` (its scalar
+metrics are averaged like the loss and logged beside it; it may
 carry `count(batch)`, the number of terms its mean loss averages, for token-weighted accumulation) and
 an iterator of batches that can report and restore its position (`state_dict` /
 `load_state_dict`, as `lmlab.data.loader.PackedLoader` does). Everything else is the loop's, and
@@ -201,6 +202,21 @@ def _micro_weights(objective: Objective, micro_batches: list, env: DistEnv, devi
     return [c * env.dp_size / total for c in counts]
 
 
+def _accumulate(window: dict[str, torch.Tensor], metrics: dict[str, Any], weight: float,
+                device: torch.device) -> None:
+    """Add a micro-batch's scalar metrics (numbers or one-element tensors, e.g. DPO's reward accuracy) into the
+    window's sums, weighted as its loss is, so that each logged value is the step's mean averaged over the
+    window's steps. Anything else an objective returns (text, lists) is not logged. Kept on the device: no
+    synchronization until the log line."""
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            continue
+        value = torch.as_tensor(value, device=device).detach().float().reshape(())
+        window[name] = window.get(name, torch.zeros((), device=device)) + value * weight
+
+
 # --- the loop ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Iterator, *,
           env: DistEnv | None = None, evaluate: Evaluate | None = None,
@@ -302,6 +318,7 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
     last_ckpt: Path | None = ckpt.latest_checkpoint(out_dir) if start is not None else None
     last_loss, last_eval, interrupted = None, {}, False
     window_loss = torch.zeros((), device=device)
+    window_metrics: dict[str, torch.Tensor] = {}  # the objective's scalar metrics, summed over the window's steps
     window_steps, window_start = 0, time.perf_counter()
     wrapped.train()
     with _StopSignals() as stop:
@@ -315,10 +332,11 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
                 sync = micro == t.grad_accum - 1  # DDP all-reduces gradients on the last backward only
                 no_sync = wrapped.no_sync if (not sync and hasattr(wrapped, "no_sync")) else contextlib.nullcontext
                 with no_sync(), _autocast(t.precision, device):
-                    loss, _ = objective(wrapped, batch)
+                    loss, metrics = objective(wrapped, batch)
                     scaled = loss * weights[micro]
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 window_loss += scaled.detach().float()
+                _accumulate(window_metrics, metrics, weights[micro] / sum(weights), device)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = _grad_norm(plain, t.grad_clip)
@@ -338,6 +356,8 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
                 tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 record = {"kind": "train", "step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
                           "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+                for name, total in sorted(window_metrics.items()):
+                    record.setdefault(name, distributed.all_mean(total / window_steps, env).item())
                 if peak:
                     record["mfu"] = flops_per_step * window_steps / max(elapsed, 1e-9) / peak
                 log.write(record)
@@ -351,6 +371,7 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
                         "use bf16 instead of fp16; resume from the last good checkpoint with --resume")
                 last_loss = loss_value
                 window_loss.zero_()
+                window_metrics.clear()
                 window_steps, window_start = 0, time.perf_counter()
 
             stopping = distributed.any_rank(stop.signum is not None, env)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,55 @@ def plot_losses(metrics: str | Path, out: str | Path, title: str = "") -> Path |
         fig.savefig(f, format="png")
     plt.close(fig)
     return out
+
+
+def plot_metrics(metrics: str | Path, out: str | Path, keys: Sequence[str], title: str = "") -> Path | None:
+    """One panel per metric in `keys` against the step: the training log's values as a line, the evaluations'
+    as dots (alignment runs: rewards, accuracies, KL). Keys absent from the log are left out; None when nothing
+    is plotted or matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(metrics)
+    if not (path / METRICS_FILE if path.is_dir() else path).is_file():
+        return None
+    records = read_metrics(metrics)
+    panels = []
+    for key in keys:
+        train = [(r["step"], r[key]) for r in records if r.get("kind") == "train" and _number(r.get(key))]
+        evals = [(r["step"], r[key]) for r in records if r.get("kind") == "eval" and _number(r.get(key))]
+        if train or evals:
+            panels.append((key, train, evals))
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, train, evals) in zip(axes.flat, panels, strict=False):
+        if train:
+            ax.plot([s for s, _ in train], [v for _, v in train], lw=1.2, label="train")
+        if evals:
+            ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", ms=4, lw=1.0, label="held out")
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if train and evals:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_file(out, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

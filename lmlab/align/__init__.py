@@ -1,0 +1,1 @@
+"""Alignment: reward models, DPO and its family, PPO, GRPO, online preference optimization, Constitutional AI."""
