@@ -1779,6 +1779,540 @@ def add_judge_commands(sub) -> None:
     r.set_defaults(func=cmd_redteam)
 
 
+# --- alignment (lmlab/align/) -----------------------------------------------------------------
+def cmd_reward_train(args: argparse.Namespace) -> int:
+    from lmlab.align.reward import load_reward_recipe, train_reward_model
+
+    try:
+        cfg = load_reward_recipe(args.recipe, args.set or [], model=args.model, data=args.data)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    result = train_reward_model(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                                log=print if main_rank else (lambda _: None))
+    if not main_rank:
+        return 0
+    run = result.run
+    if run.interrupted:
+        print(f"interrupted at step {run.step}; checkpoint {run.checkpoint}. Continue with the same command and "
+              "--resume.", file=sys.stderr)
+        return 130
+    print(f"done: {run.step} steps" + (f", train loss {run.loss:.4f}" if run.loss is not None else ""))
+    if result.after:
+        print(f"held-out pairwise accuracy {result.before['accuracy']:.4f} -> {result.after['accuracy']:.4f} "
+              f"({result.data['held_out_pairs']} pairs); held-out reward mean {result.after['reward_mean']:+.4f}, "
+              f"std {result.after['reward_std']:.4f}")
+    print(f"reward model: {run.checkpoint}")
+    print(f"try it: lmlab reward score --model {run.checkpoint} --prompt 'Hello' --response 'Hi! How can I help?'")
+    return 0
+
+
+def cmd_reward_score(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmlab.align.preference import load_pairs
+    from lmlab.align.reward import load_reward_model, reward_metrics
+    from lmlab.atomic import atomic_file
+
+    if bool(args.prompt) != bool(args.response) or sum(map(bool, (args.prompt, args.data, args.chats))) != 1:
+        raise UsageError("give one of: --data PAIRS, --chats FILE, or --prompt TEXT with one or more --response TEXT")
+    model, tokenizer = load_reward_model(args.model, device=_device(args.device))
+    rows: list[dict] = []
+    if args.data:
+        pairs = load_pairs(args.data, limit=args.limit)
+        chats = [[*p.prompt, {"role": "assistant", "content": reply}]
+                 for p in pairs for reply in (p.chosen, p.rejected)]
+        rewards = model.score(tokenizer, chats, args.batch_size)
+        chosen, rejected = torch.tensor(rewards[0::2]), torch.tensor(rewards[1::2])
+        m = reward_metrics(chosen, rejected)
+        print(f"{len(pairs)} pairs: pairwise accuracy {m['accuracy']:.4f}, Bradley-Terry loss {m['val_loss']:.4f}, "
+              f"reward chosen {m['reward_chosen']:+.4f}, rejected {m['reward_rejected']:+.4f}, all "
+              f"{m['reward_mean']:+.4f} +- {m['reward_std']:.4f}")
+        rows = [{"chosen_reward": c, "rejected_reward": r} for c, r in zip(rewards[0::2], rewards[1::2], strict=True)]
+    else:
+        if args.chats:
+            from lmlab.tune.chat_data import _read_file
+
+            chats = [r.get("messages") for r in _read_file(Path(args.chats))][:args.limit or None]
+            if not all(isinstance(c, list) for c in chats):
+                raise UsageError(f"{args.chats}: every record needs \"messages\": a chat ending with the assistant "
+                                 "reply to score")
+        else:
+            chats = [[{"role": "user", "content": args.prompt}, {"role": "assistant", "content": r}]
+                     for r in args.response]
+        rewards = model.score(tokenizer, chats, args.batch_size)
+        rows = [{"reward": r} for r in rewards]
+        if args.prompt:
+            for reply, r in zip(args.response, rewards, strict=True):
+                print(f"{r:+.4f}\t{reply}")
+        else:
+            t = torch.tensor(rewards, dtype=torch.float64)
+            print(f"{len(rewards)} conversations: reward {float(t.mean()):+.4f} +- {float(t.std(correction=0)):.4f}")
+    if args.out:
+        with atomic_file(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"rewards: {args.out}")
+    return 0
+
+
+def add_reward_commands(sub) -> None:
+    """`lmlab reward ...`: reward models (lmlab/align/reward.py)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    r = sub.add_parser("reward", help="train and use reward models (Bradley-Terry on preference pairs)",
+                       description="Reward models: a scalar head on a transformer, read at the last token of a "
+                                   "conversation, trained so that preferred replies score higher (lmlab/align/"
+                                   "reward.py, docs/alignment.md).")
+    rsub = r.add_subparsers(dest="reward_command", metavar="<command>", required=True)
+    t = rsub.add_parser(
+        "train", formatter_class=fmt, help="train a reward model on preference pairs",
+        description="Train a reward model from a checkpoint (usually an SFT model): its final hidden state at the "
+                    "last token of each reply goes through a new linear head, trained with the Bradley-Terry loss "
+                    "(optionally with each pair's margin: --set loss.margin=true) on preference pairs: a .jsonl of "
+                    "{prompt|messages, chosen, rejected[, margin]}, HH-RLHF transcripts, or a dataset name "
+                    "(synthetic, hh-rlhf:test). Held-out pairwise accuracy, loss and reward mean/std are logged "
+                    "before training and every train.eval_every steps; held-out pairs are the dataset's own "
+                    "validation split, --set data.validation=FILE, or data.val_fraction of the data. A recipe "
+                    "(TOML: [model] [data] [loss] [train] [optim] [schedule] [distributed], see "
+                    "recipes/reward-speedrun.toml) is optional; --set overrides any setting. Writes checkpoints "
+                    "(backbone + reward_head.safetensors), metrics.jsonl, reward.json and reward.png to "
+                    "train.out_dir. Ctrl-C saves a checkpoint; --resume continues exactly.",
+    )
+    t.add_argument("--model", help="the backbone checkpoint, lmlab or Hugging Face (model.path)")
+    t.add_argument("--data", help="preference pairs: a .jsonl/.json file or a dataset name[:split] (data.train)")
+    t.add_argument("--recipe", help="TOML recipe (optional)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, e.g. train.lr=1e-4 or data.seq_len=256 (repeatable; values are TOML)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    t.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    t.set_defaults(func=cmd_reward_train)
+
+    s = rsub.add_parser(
+        "score", formatter_class=fmt, help="score replies with a reward model",
+        description="Score with a reward checkpoint (or a reward run directory: its newest checkpoint). --data "
+                    "PAIRS scores both replies of every preference pair and prints the pairwise accuracy (ties "
+                    "count half) and reward statistics; --chats FILE scores a .jsonl of {\"messages\": [...]} "
+                    "chats, each ending with the assistant reply to score; --prompt with --response scores replies "
+                    "to one user message. --out writes one JSON line of rewards per pair or chat.",
+    )
+    s.add_argument("--model", required=True, help="reward model checkpoint or run directory")
+    s.add_argument("--data", help="preference pairs: a .jsonl/.json file or a dataset name[:split]")
+    s.add_argument("--chats", help="a .jsonl/.json of {\"messages\": [...]} chats ending with an assistant reply")
+    s.add_argument("--prompt", help="a user message")
+    s.add_argument("--response", action="append", help="a reply to --prompt (repeatable)")
+    s.add_argument("--limit", type=int, default=0, help="score at most this many pairs or chats (0: all)")
+    s.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    s.add_argument("--out", help="write the rewards here as JSON lines")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    s.set_defaults(func=cmd_reward_score)
+
+
+def cmd_align_offline(args: argparse.Namespace) -> int:
+    from lmlab.align.offline import align_offline, load_align_recipe
+
+    try:
+        cfg = load_align_recipe(args.recipe, args.set or [], method=args.align_command, model=args.model,
+                                data=args.data, ref=args.ref, adapter=args.adapter)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    result = align_offline(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                           log=print if main_rank else (lambda _: None))
+    if not main_rank:
+        return 0
+    run = result.run
+    if run.interrupted:
+        print(f"interrupted at step {run.step}; checkpoint {run.checkpoint}. Continue with the same command and "
+              "--resume.", file=sys.stderr)
+        return 130
+    for name, metrics in (("before", result.before), ("after", result.after)):
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        print(f"held-out {name}: {json.dumps(shown)}")
+    print(f"checkpoint: {run.checkpoint}; curves: {run.out_dir / 'align.png'}")
+    return 0
+
+
+# `lmlab align <method>`: what each offline method is, for its --help
+ALIGN_OFFLINE_HELP = {
+    "dpo": ("Direct Preference Optimization (Rafailov et al. 2023)",
+            "-log sigmoid(beta [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)]); beta 0.1"),
+    "ipo": ("Identity Preference Optimization (Azar et al. 2023)",
+            "(h - 1/(2 beta))^2 on the length-averaged log-ratio gap h: a finite target, no overfitting to "
+            "deterministic preferences"),
+    "cdpo": ("conservative DPO (Mitchell 2023)", "DPO with label smoothing (align.label_smoothing, default 0.1): "
+             "robust to flipped labels"),
+    "kto": ("Kahneman-Tversky Optimization (Ethayarajh et al. 2024)",
+            "unpaired data: {prompt, completion, label} records (pairs become a desirable and an undesirable one)"),
+    "orpo": ("Odds Ratio Preference Optimization (Hong et al. 2024)",
+             "no reference model: SFT loss on the chosen reply plus beta x the odds-ratio term"),
+    "simpo": ("Simple Preference Optimization (Meng et al. 2024)",
+              "no reference model: length-averaged log-probabilities as rewards, target margin align.gamma"),
+}
+
+
+def add_align_offline_commands(asub) -> None:
+    """`lmlab align {dpo,ipo,cdpo,kto,orpo,simpo}`: offline preference optimization (lmlab/align/offline.py)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    for method, (title, what) in ALIGN_OFFLINE_HELP.items():
+        p = asub.add_parser(
+            method, formatter_class=fmt, help=f"{title}: {what.split(':')[0]}",
+            description=f"{title}: {what}. Trains the policy (--model, usually an SFT checkpoint) on preference "
+                        "data (--data: a .jsonl of {prompt, chosen, rejected} records, prompts as text or chats; "
+                        "HH-RLHF transcripts; or a dataset name such as synthetic or hh-rlhf[:test]) through "
+                        "lmlab's training loop. The reference model's log-probabilities are computed once before "
+                        "training and cached in the run directory. Logs implicit rewards, reward accuracy, margins "
+                        "and log-probabilities; evaluates held-out pairs before and during training (win rate: how "
+                        "often the policy prefers the chosen reply) and writes alignment.json and align.png. A "
+                        "recipe (TOML: [model] [data] [align] [adapter] [train] [optim] [schedule], see "
+                        "recipes/dpo-speedrun.toml) is optional; --set overrides any setting.")
+        p.add_argument("--model", help="the policy to align (model.path)")
+        p.add_argument("--data", help="preference data: a .jsonl/.json file or a dataset name[:split] (data.train)")
+        if method not in ("orpo", "simpo"):
+            p.add_argument("--ref", help="the reference model (model.ref); default: the starting policy")
+        p.add_argument("--adapter", choices=["lora", "rslora", "dora", "qlora", "ia3"],
+                       help="train an adapter on the frozen policy instead of every weight")
+        p.add_argument("--recipe", help="TOML recipe (optional)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a setting, e.g. align.beta=0.05 or train.lr=1e-6 (repeatable; values are TOML)")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+        p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics go to metrics.jsonl)")
+        p.set_defaults(func=cmd_align_offline, ref=None)
+
+
+def cmd_align_online(args: argparse.Namespace) -> int:
+    from lmlab.align.online import load_online_recipe, online_dpo
+
+    try:
+        cfg = load_online_recipe(args.recipe, args.set or [], model=args.model, prompts=args.prompts,
+                                 rewards=args.reward or [], judge=args.judge)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    if args.judge_model:
+        cfg.judge.name = args.judge_model
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    result = online_dpo(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                        log=print if main_rank else (lambda _: None))
+    if not main_rank:
+        return 0
+    run = result.run
+    if run.interrupted:
+        print(f"interrupted at step {run.step}; checkpoint {run.checkpoint}. Continue with the same command and "
+              "--resume.", file=sys.stderr)
+        return 130
+    for name, metrics in (("before", result.before), ("after", result.after)):
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        print(f"held-out {name}: {json.dumps(shown)}")
+    print(f"checkpoint: {run.checkpoint}; curves: {run.out_dir / 'align.png'}")
+    return 0
+
+
+def add_align_online_command(asub) -> None:
+    """`lmlab align online-dpo`: online preference optimization (lmlab/align/online.py)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = asub.add_parser(
+        "online-dpo", formatter_class=fmt, help="online DPO: the policy's own reply pairs, labeled each round",
+        description="Online preference optimization (Guo et al. 2024; iterative DPO). Each round samples two replies "
+                    "to each of rollout.prompts_per_rollout prompts with the current policy (through the inference "
+                    "engine), labels every pair with --reward (a reward model rm:DIR or any reward function: the "
+                    "higher reward is chosen, ties dropped) or --judge (an lmlab checkpoint or an OpenAI-compatible "
+                    "URL, asked in both orders; inconsistent verdicts dropped), computes the reference model's "
+                    "log-probabilities (the starting policy), and takes rollout.epochs passes of DPO (align.method: "
+                    "dpo, ipo, cdpo, orpo, simpo) over the round's pairs. rollout.rollouts sets the number of rounds. "
+                    "Logs the DPO metrics and the round's labeling statistics; evaluates the held-out win rate of the "
+                    "policy's greedy replies against the starting policy's, judged by the same labeler. Recipe "
+                    "sections: [model] [rollout] [reward] [judge] [align] [train] [optim] [schedule].")
+    p.add_argument("--model", help="the policy to train, usually an SFT checkpoint (model.path)")
+    p.add_argument("--prompts", help="training prompts: a .jsonl/.json file, a directory, or a dataset name "
+                                     "(rollout.prompts)")
+    p.add_argument("--reward", action="append", metavar="SPEC",
+                   help="label pairs by this reward (repeatable, summed): rm:DIR, a built-in (number, synthetic, "
+                        "format, ended, sentiment, length=N) or module:function / file.py:function")
+    p.add_argument("--judge", help="label pairs by this judge instead: a checkpoint directory or an endpoint URL")
+    p.add_argument("--judge-model", help="the endpoint's model name (URL judges)")
+    p.add_argument("--recipe", help="TOML recipe (optional)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting, e.g. rollout.rollouts=10 or align.beta=0.05 (repeatable; values are TOML)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics go to metrics.jsonl)")
+    p.set_defaults(func=cmd_align_online)
+
+
+def cmd_align_rl(args: argparse.Namespace) -> int:
+    """`lmlab align ppo` and `lmlab align grpo`."""
+    from lmlab.align import grpo, ppo
+
+    if args.align_command == "ppo":
+        load, run_method, cli = ppo.load_ppo_recipe, ppo.ppo, {}
+    else:
+        load, run_method, cli = grpo.load_grpo_recipe, grpo.grpo, {"dr_grpo": args.dr_grpo}
+    try:
+        cfg = load(args.recipe, args.set or [], model=args.model, prompts=args.prompts, rewards=args.reward or [],
+                   **cli)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    result = run_method(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                        log=print if main_rank else (lambda _: None))
+    if not main_rank:
+        return 0
+    run = result.run
+    if run.interrupted:
+        print(f"interrupted at step {run.step}; checkpoint {run.checkpoint}. Continue with the same command and "
+              "--resume.", file=sys.stderr)
+        return 130
+    for name, metrics in (("before", result.before), ("after", result.after)):
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        print(f"held-out {name}: {json.dumps(shown)}")
+    print(f"checkpoint: {run.checkpoint}; curves: {run.out_dir / 'align.png'}")
+    print(f"try it: lmlab generate --model {run.checkpoint} --chat --prompt 'Hello'")
+    return 0
+
+
+ALIGN_RL_HELP = {
+    "ppo": ("RLHF with PPO: a policy and a value head learn from rewards of the policy's own replies",
+            "RLHF with Proximal Policy Optimization (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022). "
+            "Each rollout samples a reply to each of rollout.prompts_per_rollout prompts with the current policy "
+            "(through lmlab's inference engine), scores it (--reward), and turns the score into per-token rewards "
+            "with a KL penalty to the reference policy (ppo.kl_coef x k1 or k3, Schulman 2020; an adaptive KL "
+            "controller with ppo.adaptive_kl, Ziegler et al. eq. 2). A value head on the policy's trunk "
+            "(ppo.value_model = head, or a separate trunk copy) gives GAE advantages and returns (Schulman et al. "
+            "2016); rollout.epochs passes of minibatch steps train the clipped policy and value losses. Logs reward, "
+            "KL, kl_coef, entropy, clip fraction, value loss, reply length; evaluates greedy replies to held-out "
+            "prompts (eval_reward). Checkpoints hold the policy (readable by `lmlab generate`) and the value head "
+            "in value.safetensors beside it."),
+    "grpo": ("RL with verifiable rewards (GRPO, optionally Dr. GRPO): a group of replies per prompt as baseline",
+             "Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath). Each rollout samples a group of "
+             "grpo.num_generations replies to each prompt with the current policy, scores them (--reward: answer "
+             "checkers such as number = the exact final number against the record's answer, synthetic = lmlab's "
+             "synthetic-task verifier, format, or any reward), and gives every token of a reply its advantage "
+             "against the group: (r - mean) / std. No value model; the clipped objective has a k3 KL penalty to the "
+             "reference (grpo.beta). --dr-grpo applies the Dr. GRPO corrections (Liu et al. 2025): no division by "
+             "the group's std and no per-reply length normalization. Logs reward, accuracy (the checker's mean over "
+             "samples), KL, entropy, clip fraction, the share of groups with no signal; evaluates greedy held-out "
+             "accuracy (eval_accuracy)."),
+}
+
+
+def add_align_rl_commands(asub) -> None:
+    """`lmlab align {ppo,grpo}`: reinforcement learning from rewards (lmlab/align/ppo.py, grpo.py)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    for method, (title, what) in ALIGN_RL_HELP.items():
+        p = asub.add_parser(
+            method, formatter_class=fmt, help=title,
+            description=f"{what} Prompts (--prompts): a .jsonl/.json of {{\"prompt\": ...}} records (the synthetic "
+                        "eval files: prompt, answer, task), chats ({\"messages\": [...]}: the prompt is what precedes "
+                        "the last assistant turn, whose text becomes the record's answer), GSM8K-style "
+                        "{question, answer} records, a directory of such files, or a dataset name[:split]; every "
+                        "other field of a record reaches the reward functions. Rewards (--reward, repeatable, "
+                        "summed with reward.weights): number, synthetic, format, ended, sentiment, length=N, rm:DIR "
+                        "(a reward model from `lmlab reward train`), module:function or file.py:function "
+                        "(fn(prompts, completions, **columns) -> list[float], TRL's signature). Runs through "
+                        "lmlab's training loop: one optimizer step per minibatch, checkpoints, exact --resume, "
+                        "metrics.jsonl, rl.json (held-out before/after) and align.png. A recipe (TOML: [model] "
+                        f"[rollout] [reward] [{method}] [train] [optim] [schedule], see "
+                        f"recipes/{method}-speedrun.toml) is optional; --set overrides any setting.")
+        p.add_argument("--model", help="the policy to train, usually an SFT checkpoint (model.path)")
+        p.add_argument("--prompts", help="training prompts: a .jsonl/.json file, a directory, or a dataset name "
+                                         "(rollout.prompts)")
+        p.add_argument("--reward", action="append", metavar="SPEC",
+                       help="a reward function (repeatable; reward.functions): number, synthetic, format, ended, "
+                            "sentiment, length=N, rm:DIR, module:function, file.py:function")
+        if method == "grpo":
+            p.add_argument("--dr-grpo", action="store_true",
+                           help="Dr. GRPO: grpo.scale_rewards = false and grpo.loss_agg = 'constant'")
+        p.add_argument("--recipe", help="TOML recipe (optional)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a setting, e.g. train.lr=1e-5, rollout.max_new_tokens=128, "
+                            f"{method}.{'kl_coef' if method == 'ppo' else 'beta'}=0.02 (repeatable; values are TOML)")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+        p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics go to metrics.jsonl)")
+        p.set_defaults(func=cmd_align_rl)
+
+
+def _cai_inputs(args: argparse.Namespace):
+    from lmlab.align.constitutional import Constitution, load_prompts
+
+    if args.limit < 0:
+        raise UsageError(f"--limit must be >= 0 (0: all prompts), got {args.limit}")
+    return Constitution.load(args.constitution), load_prompts(args.prompts, limit=args.limit, subset=args.subset)
+
+
+def _cai_report(summary: dict, errors: dict[str, str], n_new: int, out: str, what: str) -> int:
+    print(json.dumps(summary, indent=1))
+    print(f"{what}: {out}", file=sys.stderr)
+    if errors:
+        first = next(iter(errors.items()))
+        print(f"warning: {len(errors)} prompt(s) failed and were not written (first: {first[0]}: {first[1]}); "
+              "rerun the same command to retry them", file=sys.stderr)
+        if n_new == 0:
+            return 1
+    return 0
+
+
+def cmd_cai_critique_revise(args: argparse.Namespace) -> int:
+    from lmlab.align.constitutional import CritiqueConfig, critique_revise
+
+    constitution, prompts = _cai_inputs(args)
+    config = CritiqueConfig(rounds=args.rounds, few_shot=args.few_shot, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    model = _generator(args.model, args, "--model", args.model_name)
+    if args.no_progress and hasattr(model, "progress"):
+        model.progress = False
+    result = critique_revise(model, prompts, constitution, config, out=args.out, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    return _cai_report(result.summary(), result.errors, result.n_new, args.out,
+                       "fine-tuning chats (lmlab sft --data FILE)")
+
+
+def cmd_cai_rlaif(args: argparse.Namespace) -> int:
+    from lmlab.align.constitutional import RLAIFConfig, comparisons_path, rlaif
+
+    constitution, prompts = _cai_inputs(args)
+    if not args.model:
+        missing = next((it.id for it in prompts if len(it.responses) < 2), None)
+        if missing is not None:
+            raise UsageError(f"prompt {missing} of {args.prompts} has fewer than two 'responses' and no --model was "
+                             "given to sample them: pass --model (a checkpoint or endpoint URL)")
+    config = RLAIFConfig(method=args.judge_method, temperature=args.temperature, top_p=args.top_p,
+                         max_new_tokens=args.max_new_tokens, judge_max_new_tokens=args.judge_max_new_tokens,
+                         min_margin=args.min_margin, keep_inconsistent=args.keep_inconsistent, seed=args.seed,
+                         batch_size=args.batch_size)
+    policy = _generator(args.model, args, "--model", args.model_name) if args.model else None
+    if policy is not None and args.judge == args.model and args.judge_model == args.model_name:
+        judge = policy  # one model in memory for both roles
+    else:
+        judge = _generator(args.judge, args, "--judge", args.judge_model)
+    for model in (policy, judge):
+        if args.no_progress and hasattr(model, "progress"):
+            model.progress = False
+    result = rlaif(judge, prompts, constitution, config, policy=policy, out=args.out, overwrite=args.overwrite,
+                   progress=not args.no_progress)
+    print(f"every comparison, kept or dropped: {comparisons_path(args.out)}", file=sys.stderr)
+    return _cai_report(result.summary(), result.errors, result.n_new, args.out,
+                       "preference pairs (reward model / DPO data)")
+
+
+def add_cai_commands(sub) -> None:
+    """`lmlab cai {critique-revise,rlaif}`: Constitutional AI (lmlab/align/constitutional.py)."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    c = sub.add_parser(
+        "cai", help="Constitutional AI: critique-and-revise data and AI preference labels (RLAIF)",
+        description="Constitutional AI (Bai et al. 2022): a constitution of written principles replaces human "
+                    "labels. `critique-revise` makes supervised data: the model answers each prompt, then "
+                    "critiques and rewrites its answer under sampled principles; the revised chats train with "
+                    "`lmlab sft`. `rlaif` makes preference data: two responses per prompt are compared by an AI "
+                    "judge under a sampled principle, in both orders to cancel position bias; the pairs train a "
+                    "reward model or DPO (`lmlab align`). Models and judges are checkpoint directories or any "
+                    "OpenAI-compatible endpoint URL (`lmlab serve`, a hosted model). See docs/alignment.md.")
+    csub = c.add_subparsers(dest="cai_command", metavar="<command>", required=True)
+
+    def common(p) -> None:
+        p.add_argument("--prompts", required=True,
+                       help="a .jsonl/.json file (messages, prompt, instruction, goal or question per record), a .txt "
+                            "file (one prompt per line), 'redteam' (the built-in red-team goals) or a dataset name "
+                            "such as hh-rlhf:test")
+        p.add_argument("--subset", default=None,
+                       help="keep the dataset records of this subset only (hh-rlhf: harmless-base, the red-team "
+                            "prompts of the paper, or helpful-base)")
+        p.add_argument("--limit", type=int, default=0, help="use the first N prompts (0: all)")
+        p.add_argument("--constitution", default=None, metavar="FILE",
+                       help="principles as TOML or JSON; None: lmlab/align/constitutions/default.toml")
+        p.add_argument("--out", required=True, metavar="FILE", help="the jsonl file to write")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start over; without it, a rerun skips the prompts already in --out (resume)")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per generated reply")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of generated replies")
+        p.add_argument("--seed", type=int, default=0, help="seeds the principles drawn and every sample, per prompt")
+        p.add_argument("--batch-size", type=int, default=32,
+                       help="prompts generated together; each batch is appended to --out when done (a crash "
+                            "loses at most the batch in flight)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = csub.add_parser(
+        "critique-revise", formatter_class=fmt, help="answers revised under sampled principles (SFT data)",
+        description="The supervised stage of Constitutional AI. For each prompt the model writes an answer; then, "
+                    "for --rounds rounds, a principle is drawn from the constitution, the model is asked the "
+                    "principle's critique request and writes a critique, then its revision request and rewrites "
+                    "the answer. Writes one chat per prompt, the user's prompt and the final revision, with the "
+                    "initial answer, critiques, revisions and principles alongside: train on it with "
+                    "`lmlab sft --data FILE`. A small model mostly cannot follow the requests; point --model at a "
+                    "capable endpoint to make useful data.")
+    common(p)
+    p.add_argument("--model", required=True, help="the model that answers, critiques and revises: checkpoint "
+                   "directory or endpoint URL (http://host:port/v1)")
+    p.add_argument("--rounds", type=int, default=1, help="critique-and-revision rounds per prompt")
+    p.add_argument("--few-shot", type=int, default=0,
+                   help="worked examples from the constitution shown first (for base models)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    _endpoint_arguments(p, "model")
+    p.set_defaults(func=cmd_cai_critique_revise)
+
+    r = csub.add_parser(
+        "rlaif", formatter_class=fmt, help="AI-judged preference pairs under sampled principles (RM/DPO data)",
+        description="The RL stage of Constitutional AI (RLAIF). For each prompt, two responses are sampled from "
+                    "--model (or read from the prompts file's 'responses'), a principle is drawn, and the --judge "
+                    "is asked which response better satisfies it, once with each response shown first. The "
+                    "preference is the average over both orders of the judge's probability for that response: "
+                    "read from the option letters' log-probabilities (a checkpoint judge, or an endpoint that "
+                    "returns top_logprobs, as `lmlab serve` does) or from a written [[A]]/[[B]] verdict. Ties "
+                    "(a judge that always picks the first position gives one) are dropped, and so are pairs whose "
+                    "two orders disagree unless --keep-inconsistent. Writes the pairs "
+                    "(prompt, messages, chosen, rejected, preference, principle) that `lmlab reward` and "
+                    "`lmlab align dpo` read, and every comparison to OUT.comparisons.jsonl.")
+    common(r)
+    r.add_argument("--model", default=None, help="the policy that writes the two responses: checkpoint directory or "
+                   "endpoint URL; None: the prompts file gives them")
+    r.add_argument("--judge", required=True, help="the judge: checkpoint directory or endpoint URL")
+    r.add_argument("--judge-method", choices=["auto", "logprobs", "generate"], default="auto",
+                   help="logprobs: probabilities of the option letters (the paper); generate: a written verdict; "
+                        "auto: logprobs where the judge gives them, else generate")
+    r.add_argument("--judge-max-new-tokens", type=int, default=256, help="tokens of a written verdict")
+    r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the two responses")
+    r.add_argument("--min-margin", type=float, default=0.0,
+                   help="drop pairs whose preference is within this of 0.5 (ties)")
+    r.add_argument("--keep-inconsistent", action="store_true",
+                   help="keep pairs whose two orders prefer different responses, with their soft preference (near "
+                        "0.5); by default they are dropped, since their chosen/rejected label is mostly position bias")
+    _endpoint_arguments(r, "model", "judge")
+    r.set_defaults(func=cmd_cai_rlaif)
+
+
+def add_align_commands(sub) -> None:
+    """`lmlab align <method>`: every way lmlab aligns a policy, one subcommand per method."""
+    a = sub.add_parser(
+        "align", help="preference optimization and RL: DPO, IPO, cDPO, KTO, ORPO, SimPO, PPO, GRPO, online DPO",
+        description="Align a fine-tuned checkpoint with preferences or rewards. Offline methods (dpo, ipo, cdpo, "
+                    "kto, orpo, simpo) learn from a fixed set of preference pairs; ppo and grpo learn from rewards "
+                    "of the policy's own samples (a reward model, a Python function, or answer checkers); "
+                    "online-dpo labels fresh pairs of the policy's samples each round. Every method runs through "
+                    "lmlab's one training loop (checkpoints, resume, metrics.jsonl, plots) and generates "
+                    "through the inference engine. docs/alignment.md shows what each one does and measured.",
+    )
+    asub = a.add_subparsers(dest="align_command", metavar="<method>", required=True)
+    add_align_offline_commands(asub)
+    add_align_rl_commands(asub)
+    add_align_online_command(asub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmlab",
@@ -1869,6 +2403,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(sub)
     add_eval_command(sub)
     add_judge_commands(sub)
+    add_reward_commands(sub)
+    add_align_commands(sub)
+    add_cai_commands(sub)
     return parser
 
 

@@ -148,10 +148,12 @@ def plot_losses(metrics: str | Path, out: str | Path, title: str = "") -> Path |
     return out
 
 
-def plot_metrics(metrics: str | Path, out: str | Path, keys: Sequence[str], title: str = "") -> Path | None:
+def plot_metrics(metrics: str | Path, out: str | Path, keys: Sequence[str], title: str = "",
+                 extra: Sequence[dict[str, Any]] = ()) -> Path | None:
     """One panel per metric in `keys` against the step: the training log's values as a line, the evaluations'
-    as dots (alignment runs: rewards, accuracies, KL). Keys absent from the log are left out; None when nothing
-    is plotted or matplotlib is missing."""
+    as dots (alignment runs: rewards, accuracies, KL). `extra`: more records, e.g. the evaluation before the
+    first step ({"kind": "eval", "step": 0, ...}). Keys absent from the log are left out; None when nothing is
+    plotted or matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -162,7 +164,7 @@ def plot_metrics(metrics: str | Path, out: str | Path, keys: Sequence[str], titl
     path = Path(metrics)
     if not (path / METRICS_FILE if path.is_dir() else path).is_file():
         return None
-    records = read_metrics(metrics)
+    records = sorted([*extra, *read_metrics(metrics)], key=lambda r: r.get("step", 0))
     panels = []
     for key in keys:
         train = [(r["step"], r[key]) for r in records if r.get("kind") == "train" and _number(r.get(key))]
