@@ -154,3 +154,23 @@ def test_reward_set_weights_sums_and_checks_what_functions_return():
     short.rewards[0].fn = lambda prompts, completions, **c: [math.nan]
     with pytest.raises(ValueError, match="not a finite number"):
         short.score(P, ["a"], {})
+
+
+def test_gsm8k_prompts_and_the_number_checker_on_real_data(shared_data, monkeypatch):
+    """GSM8K records become prompts whose `answer` is the final number; the reference solution itself, rewritten in the
+    chain-of-thought form the evals ask for, scores 1, and the same text with its number changed scores 0."""
+    from lmlab.align.rollout import load_prompts
+    from lmlab.data.sources import records
+    from lmlab.evals.tasks.gsm8k import reasoning
+
+    monkeypatch.setenv("LMLAB_DATA", str(shared_data))
+    prompts = load_prompts("gsm8k:train", limit=20)
+    raw = list(records("gsm8k", "train", progress=False))[:20]
+    assert [p.messages[-1]["content"] for p in prompts] == [r["question"] for r in raw]
+    good = [f"{reasoning(r['answer'])} The answer is {r['final_answer']}." for r in raw]
+    bad = [f"{reasoning(r['answer'])} The answer is {int(float(r['final_answer'])) + 1}." for r in raw]
+    answers = [p.columns["answer"] for p in prompts]
+    assert number_reward([p.messages for p in prompts], good, answer=answers) == [1.0] * 20
+    assert number_reward([p.messages for p in prompts], bad, answer=answers) == [0.0] * 20
+    # the full reference solutions ("... #### 72") read the same way
+    assert number_reward([p.messages for p in prompts], [r["answer"] for r in raw], answer=answers) == [1.0] * 20
