@@ -12,7 +12,9 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class UsageError(Exception):
@@ -1780,26 +1782,48 @@ def add_judge_commands(sub) -> None:
 
 
 # --- alignment (lmlab/align/) -----------------------------------------------------------------
-def cmd_reward_train(args: argparse.Namespace) -> int:
-    from lmlab.align.reward import load_reward_recipe, train_reward_model
-
+def _run_stage(args: argparse.Namespace, load: Callable[[], Any], run: Callable[..., Any]) -> Any | int:
+    """What every training stage of `lmlab reward` / `lmlab align` does around its run: resolve the config
+    (`load()`), print it with --print-config, run on every process (log lines from rank 0 only). Returns the run's
+    result on rank 0, else the exit code to return (0 after --print-config or on another rank, 130 when
+    interrupted, after saying how to resume)."""
     try:
-        cfg = load_reward_recipe(args.recipe, args.set or [], model=args.model, data=args.data)
+        cfg = load()
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    result = train_reward_model(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                                log=print if main_rank else (lambda _: None))
+    result = run(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                 log=print if main_rank else (lambda _: None))
     if not main_rank:
         return 0
-    run = result.run
-    if run.interrupted:
-        print(f"interrupted at step {run.step}; checkpoint {run.checkpoint}. Continue with the same command and "
-              "--resume.", file=sys.stderr)
+    if result.run.interrupted:
+        print(f"interrupted at step {result.run.step}; checkpoint {result.run.checkpoint}. Continue with the same "
+              "command and --resume.", file=sys.stderr)
         return 130
+    return result
+
+
+def _align_summary(result: Any) -> int:
+    """The held-out metrics before and after, and where the checkpoint and curves are."""
+    for name, metrics in (("before", result.before), ("after", result.after)):
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        print(f"held-out {name}: {json.dumps(shown)}")
+    print(f"checkpoint: {result.run.checkpoint}; curves: {result.run.out_dir / 'align.png'}")
+    print(f"try it: lmlab generate --model {result.run.checkpoint} --chat --prompt 'Hello'")
+    return 0
+
+
+def cmd_reward_train(args: argparse.Namespace) -> int:
+    from lmlab.align.reward import load_reward_recipe, train_reward_model
+
+    result = _run_stage(args, lambda: load_reward_recipe(args.recipe, args.set or [], model=args.model,
+                                                         data=args.data), train_reward_model)
+    if isinstance(result, int):
+        return result
+    run = result.run
     print(f"done: {run.step} steps" + (f", train loss {run.loss:.4f}" if run.loss is not None else ""))
     if result.after:
         print(f"held-out pairwise accuracy {result.before['accuracy']:.4f} -> {result.after['accuracy']:.4f} "
@@ -1914,29 +1938,10 @@ def add_reward_commands(sub) -> None:
 def cmd_align_offline(args: argparse.Namespace) -> int:
     from lmlab.align.offline import align_offline, load_align_recipe
 
-    try:
-        cfg = load_align_recipe(args.recipe, args.set or [], method=args.align_command, model=args.model,
-                                data=args.data, ref=args.ref, adapter=args.adapter)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    result = align_offline(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                           log=print if main_rank else (lambda _: None))
-    if not main_rank:
-        return 0
-    run = result.run
-    if run.interrupted:
-        print(f"interrupted at step {run.step}; checkpoint {run.checkpoint}. Continue with the same command and "
-              "--resume.", file=sys.stderr)
-        return 130
-    for name, metrics in (("before", result.before), ("after", result.after)):
-        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-        print(f"held-out {name}: {json.dumps(shown)}")
-    print(f"checkpoint: {run.checkpoint}; curves: {run.out_dir / 'align.png'}")
-    return 0
+    result = _run_stage(args, lambda: load_align_recipe(args.recipe, args.set or [], method=args.align_command,
+                                                        model=args.model, data=args.data, ref=args.ref,
+                                                        adapter=args.adapter), align_offline)
+    return result if isinstance(result, int) else _align_summary(result)
 
 
 # `lmlab align <method>`: what each offline method is, for its --help
@@ -1991,31 +1996,14 @@ def add_align_offline_commands(asub) -> None:
 def cmd_align_online(args: argparse.Namespace) -> int:
     from lmlab.align.online import load_online_recipe, online_dpo
 
-    try:
+    def load():
         cfg = load_online_recipe(args.recipe, args.set or [], model=args.model, prompts=args.prompts,
                                  rewards=args.reward or [], judge=args.judge)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
-    if args.judge_model:
-        cfg.judge.name = args.judge_model
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    result = online_dpo(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                        log=print if main_rank else (lambda _: None))
-    if not main_rank:
-        return 0
-    run = result.run
-    if run.interrupted:
-        print(f"interrupted at step {run.step}; checkpoint {run.checkpoint}. Continue with the same command and "
-              "--resume.", file=sys.stderr)
-        return 130
-    for name, metrics in (("before", result.before), ("after", result.after)):
-        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-        print(f"held-out {name}: {json.dumps(shown)}")
-    print(f"checkpoint: {run.checkpoint}; curves: {run.out_dir / 'align.png'}")
-    return 0
+        cfg.judge.name = args.judge_model or cfg.judge.name
+        return cfg
+
+    result = _run_stage(args, load, online_dpo)
+    return result if isinstance(result, int) else _align_summary(result)
 
 
 def add_align_online_command(asub) -> None:
@@ -2059,30 +2047,9 @@ def cmd_align_rl(args: argparse.Namespace) -> int:
         load, run_method, cli = ppo.load_ppo_recipe, ppo.ppo, {}
     else:
         load, run_method, cli = grpo.load_grpo_recipe, grpo.grpo, {"dr_grpo": args.dr_grpo}
-    try:
-        cfg = load(args.recipe, args.set or [], model=args.model, prompts=args.prompts, rewards=args.reward or [],
-                   **cli)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    result = run_method(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                        log=print if main_rank else (lambda _: None))
-    if not main_rank:
-        return 0
-    run = result.run
-    if run.interrupted:
-        print(f"interrupted at step {run.step}; checkpoint {run.checkpoint}. Continue with the same command and "
-              "--resume.", file=sys.stderr)
-        return 130
-    for name, metrics in (("before", result.before), ("after", result.after)):
-        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-        print(f"held-out {name}: {json.dumps(shown)}")
-    print(f"checkpoint: {run.checkpoint}; curves: {run.out_dir / 'align.png'}")
-    print(f"try it: lmlab generate --model {run.checkpoint} --chat --prompt 'Hello'")
-    return 0
+    result = _run_stage(args, lambda: load(args.recipe, args.set or [], model=args.model, prompts=args.prompts,
+                                           rewards=args.reward or [], **cli), run_method)
+    return result if isinstance(result, int) else _align_summary(result)
 
 
 ALIGN_RL_HELP = {
