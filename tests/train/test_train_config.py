@@ -8,7 +8,8 @@ from lmlab.cli import main
 from lmlab.train.config import TrainConfig, load_recipe, parse_override, resolve
 
 RECIPES = sorted(p for p in (__import__("pathlib").Path(__file__).parents[2] / "recipes").glob("*.toml")
-                 if not p.name.startswith("sft-"))  # fine-tuning recipes: tests/tune/test_sft.py
+                 if not p.name.startswith(("sft-", "reward-", "dpo-", "ppo-", "grpo-")))
+# fine-tuning recipes are checked in tests/tune/test_sft.py, alignment recipes in tests/align/test_recipes.py
 
 
 def test_overrides_are_toml_values_or_strings():
