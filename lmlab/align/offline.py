@@ -44,7 +44,15 @@ from torch import nn
 from ..atomic import atomic_file
 from ..model.loading import load as load_model
 from ..train import distributed
-from ..train.config import DataConfig, DistributedConfig, LoopConfig, TrainConfig, _build, apply_overrides, read_recipe
+from ..train.config import (
+    DataConfig,
+    DistributedConfig,
+    LoopConfig,
+    TrainConfig,
+    apply_overrides,
+    build_sections,
+    read_recipe,
+)
 from ..train.loop import RunResult, train
 from ..train.optim import OptimConfig
 from ..train.schedule import ScheduleConfig
@@ -159,9 +167,6 @@ def resolve_align(d: dict[str, Any], overrides: list[str] = (), *, method: str |
                   adapter: str | None = None) -> AlignConfig:
     """An AlignConfig from a recipe dict, `--set` overrides and the command line (which wins over the recipe)."""
     d = apply_overrides(d, list(overrides), SECTIONS)
-    unknown = sorted(set(d) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown recipe section(s) {unknown}; alignment recipes have {list(SECTIONS)}")
     for section, key, value in (("align", "method", method), ("model", "path", model), ("data", "train", data),
                                 ("model", "ref", ref)):
         if value:
@@ -172,25 +177,11 @@ def resolve_align(d: dict[str, Any], overrides: list[str] = (), *, method: str |
         d["adapter"] = {**(d.get("adapter") or {}), **ADAPTER_PRESETS[adapter]}
     if d.get("adapter") is not None and "method" not in d["adapter"]:
         d["adapter"] = None  # settings without a method wait for --adapter
-    train_d = {"out_dir": f"runs/{(d.get('align') or {}).get('method', 'dpo')}", "sample_prompts": [],
-               "sample_tokens": 0, **dict(d.get("train") or {})}
-    train_d.setdefault("lr", DEFAULT_LR["adapter" if d.get("adapter") else "full"])
-    data_d = dict(d.get("data") or {})
-    if "steps" in (d.get("train") or {}) and "epochs" not in data_d:
-        data_d["epochs"] = 0.0
-    parts = {"model": _build(PolicyConfig, dict(d.get("model") or {}), "model", SECTIONS),
-             "data": _build(PreferenceDataConfig, data_d, "data", SECTIONS),
-             "align": _build(PreferenceConfig, dict(d.get("align") or {}), "align", SECTIONS),
-             "adapter": _build(AdapterConfig, dict(d["adapter"]), "adapter", SECTIONS) if d.get("adapter") else None,
-             "train": _build(LoopConfig, train_d, "train", SECTIONS)}
-    for name in ("optim", "schedule", "distributed"):
-        values = dict(d.get(name) or {})
-        if name == "optim" and "lr" in values:
-            raise ValueError("the peak learning rate is train.lr; move optim.lr there")
-        parts[name] = _build(SECTIONS[name], values, name, SECTIONS)
-    cfg = AlignConfig(**parts)
-    cfg.validate()
-    return cfg
+    if "steps" in (d.get("train") or {}) and "epochs" not in (d.get("data") or {}):
+        d["data"] = {**(d.get("data") or {}), "epochs": 0.0}
+    defaults = {"out_dir": f"runs/{(d.get('align') or {}).get('method', 'dpo')}", "sample_prompts": [],
+                "sample_tokens": 0, "lr": DEFAULT_LR["adapter" if d.get("adapter") else "full"]}
+    return build_sections(AlignConfig, SECTIONS, d, "alignment", train_defaults=defaults, optional=("adapter",))
 
 
 def load_align_recipe(path: str | Path | None, overrides: list[str] = (), **cli: str | None) -> AlignConfig:

@@ -61,7 +61,15 @@ from ..model.checkpoint import (
 from ..model.transformer import Transformer
 from ..train import checkpoint as ckpt
 from ..train import distributed
-from ..train.config import DataConfig, DistributedConfig, LoopConfig, TrainConfig, _build, apply_overrides, read_recipe
+from ..train.config import (
+    DataConfig,
+    DistributedConfig,
+    LoopConfig,
+    TrainConfig,
+    apply_overrides,
+    build_sections,
+    read_recipe,
+)
 from ..train.distributed import DistEnv
 from ..train.loop import ModelIO, RunExistsError, RunResult, train
 from ..train.optim import OptimConfig
@@ -404,30 +412,14 @@ def resolve_reward(d: dict[str, Any], overrides: Sequence[str] = (), *, model: s
     if "train.steps" in keys and "data.epochs" not in keys:
         d = {**d, "data": {k: v for k, v in (d.get("data") or {}).items() if k != "epochs"}}
     d = apply_overrides(d, list(overrides), SECTIONS)
-    unknown = sorted(set(d) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown recipe section(s) {unknown}; reward model recipes have {list(SECTIONS)}")
     if model:
         d.setdefault("model", {})["path"] = model
     if data:
         d.setdefault("data", {})["train"] = data
-    train_d = {"out_dir": "runs/reward", "lr": DEFAULT_LR, "sample_prompts": [], "sample_tokens": 0,
-               **dict(d.get("train") or {})}
-    data_d = dict(d.get("data") or {})
-    if "steps" in (d.get("train") or {}) and "epochs" not in data_d:
-        data_d["epochs"] = 0.0
-    parts = {"model": _build(RewardModelConfig, dict(d.get("model") or {}), "model", SECTIONS),
-             "data": _build(RewardDataConfig, data_d, "data", SECTIONS),
-             "loss": _build(RewardLossConfig, dict(d.get("loss") or {}), "loss", SECTIONS),
-             "train": _build(LoopConfig, train_d, "train", SECTIONS)}
-    for name in ("optim", "schedule", "distributed"):
-        values = dict(d.get(name) or {})
-        if name == "optim" and "lr" in values:
-            raise ValueError("the peak learning rate is train.lr; move optim.lr there")
-        parts[name] = _build(SECTIONS[name], values, name, SECTIONS)
-    cfg = RewardConfig(**parts)
-    cfg.validate()
-    return cfg
+    if "steps" in (d.get("train") or {}) and "epochs" not in (d.get("data") or {}):
+        d["data"] = {**(d.get("data") or {}), "epochs": 0.0}
+    defaults = {"out_dir": "runs/reward", "lr": DEFAULT_LR, "sample_prompts": [], "sample_tokens": 0}
+    return build_sections(RewardConfig, SECTIONS, d, "reward model", train_defaults=defaults)
 
 
 def load_reward_recipe(path: str | Path | None, overrides: Sequence[str] = (), **cli: str | None) -> RewardConfig:

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atomic import atomic_file
-from ..train.config import _build, apply_overrides
+from ..train.config import apply_overrides, build_sections
 from .rewards import RewardSet
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -314,9 +314,6 @@ def resolve_rl(config_cls: type, sections: dict[str, type], d: dict[str, Any], o
     over the recipe). Defaults that differ from pretraining's: no weight decay (RL fine-tunes a finished model;
     TRL's default too) and train.lr = DEFAULT_LR unless given."""
     d = apply_overrides(d, list(overrides), sections)
-    unknown = sorted(set(d) - set(sections))
-    if unknown:
-        raise ValueError(f"unknown recipe section(s) {unknown}; this recipe has {list(sections)}")
     if model:
         d.setdefault("model", {})["path"] = model
     if prompts:
@@ -325,18 +322,9 @@ def resolve_rl(config_cls: type, sections: dict[str, type], d: dict[str, Any], o
         d.setdefault("reward", {})["functions"] = list(rewards)
     for section, values in (presets or {}).items():
         d.setdefault(section, {}).update(values)
-    train_d = {"out_dir": out_dir, "sample_prompts": [], "sample_tokens": 0, "lr": DEFAULT_LR,
-               **dict(d.get("train") or {})}
-    optim_d = {"weight_decay": 0.0, **dict(d.get("optim") or {})}
-    if "lr" in optim_d:
-        raise ValueError("the peak learning rate is train.lr; move optim.lr there")
-    parts = {}
-    for name, kind in sections.items():
-        values = {"train": train_d, "optim": optim_d}.get(name, dict(d.get(name) or {}))
-        parts[name] = _build(kind, values, name, sections)
-    cfg = config_cls(**parts)
-    cfg.validate()
-    return cfg
+    d["optim"] = {"weight_decay": 0.0, **dict(d.get("optim") or {})}
+    defaults = {"out_dir": out_dir, "sample_prompts": [], "sample_tokens": 0, "lr": DEFAULT_LR}
+    return build_sections(config_cls, sections, d, "RL", train_defaults=defaults)
 
 
 # --- sampling -----------------------------------------------------------------------------------------------------

@@ -243,6 +243,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def build_sections(kind: type, sections: dict[str, type], d: dict[str, Any], what: str, *,
+                   train_defaults: dict[str, Any] | None = None, optional: tuple[str, ...] = ()) -> Any:
+    """What every fine-tuning and alignment stage does once its recipe dict `d` has the overrides and the command
+    line's choices in it: refuse unknown sections and optim.lr (the peak is train.lr), build and type-check each
+    section (train over `train_defaults`; an `optional` section absent or None stays None), and validate."""
+    unknown = sorted(set(d) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown recipe section(s) {unknown}; {what} recipes have {list(sections)}")
+    if "lr" in (d.get("optim") or {}):
+        raise ValueError("the peak learning rate is train.lr; move optim.lr there")
+    parts: dict[str, Any] = {}
+    for name, section in sections.items():
+        if name in optional and d.get(name) is None:
+            parts[name] = None
+            continue
+        values = dict(d.get(name) or {})
+        if name == "train":
+            values = {**(train_defaults or {}), **values}
+        parts[name] = _build(section, values, name, sections)
+    cfg = kind(**parts)
+    cfg.validate()
+    return cfg
+
+
 def apply_overrides(d: dict[str, Any], overrides: list[str], sections: dict[str, type] | None = None) -> dict[str, Any]:
     """The nested dict `d` with each "a.b=value" override set (a deep copy; `d` is unchanged). `sections`: the
     recipe's sections (default: pretraining's)."""

@@ -40,8 +40,8 @@ from ..train.config import (
     DistributedConfig,
     LoopConfig,
     TrainConfig,
-    _build,
     apply_overrides,
+    build_sections,
     read_recipe,
 )
 from ..train.distributed import DistEnv
@@ -147,9 +147,6 @@ def resolve_finetune(d: dict[str, Any], overrides: list[str] = (), *, model: str
     Defaults that depend on the method: the learning rate (DEFAULT_LR); data.epochs gives way to train.steps when
     the recipe sets steps and no epochs."""
     d = apply_overrides(d, list(overrides), SECTIONS)
-    unknown = sorted(set(d) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown recipe section(s) {unknown}; fine-tuning recipes have {list(SECTIONS)}")
     if model:
         d.setdefault("model", {})["path"] = model
     if data:
@@ -160,26 +157,12 @@ def resolve_finetune(d: dict[str, Any], overrides: list[str] = (), *, model: str
         d["adapter"] = {**(d.get("adapter") or {}), **ADAPTER_PRESETS[adapter]}
     if d.get("adapter") is not None and "method" not in d["adapter"]:
         d["adapter"] = None  # settings without a method are a preset for --adapter, not a request to use one
-    train_d = dict(d.get("train") or {})
-    train_d.setdefault("out_dir", "runs/sft")
-    train_d.setdefault("sample_prompts", [])
     method = (d.get("adapter") or {}).get("method", "lora") if d.get("adapter") is not None else "full"
-    train_d.setdefault("lr", DEFAULT_LR.get(method, DEFAULT_LR["lora"]))
-    data_d = dict(d.get("data") or {})
-    if "steps" in train_d and "epochs" not in data_d:
-        data_d["epochs"] = 0.0
-    parts = {"model": _build(BaseModelConfig, dict(d.get("model") or {}), "model", SECTIONS),
-             "data": _build(SFTDataConfig, data_d, "data", SECTIONS),
-             "adapter": _build(AdapterConfig, dict(d["adapter"]), "adapter", SECTIONS) if d.get("adapter") else None,
-             "train": _build(LoopConfig, train_d, "train", SECTIONS)}
-    for name in ("optim", "schedule", "distributed"):
-        values = dict(d.get(name) or {})
-        if name == "optim" and "lr" in values:
-            raise ValueError("the peak learning rate is train.lr; move optim.lr there")
-        parts[name] = _build(SECTIONS[name], values, name, SECTIONS)
-    cfg = FinetuneConfig(**parts)
-    cfg.validate()
-    return cfg
+    if "steps" in (d.get("train") or {}) and "epochs" not in (d.get("data") or {}):
+        d["data"] = {**(d.get("data") or {}), "epochs": 0.0}
+    defaults = {"out_dir": "runs/sft", "sample_prompts": [], "lr": DEFAULT_LR.get(method, DEFAULT_LR["lora"])}
+    return build_sections(FinetuneConfig, SECTIONS, d, "fine-tuning", train_defaults=defaults,
+                          optional=("adapter",))
 
 
 # `lmlab sft --adapter NAME`: the common methods by name (the recipe's [adapter] settings refine them).

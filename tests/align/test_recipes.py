@@ -36,3 +36,23 @@ def test_no_recipe_is_left_unchecked():
     checked = {"reward-speedrun.toml", "dpo-speedrun.toml", "ppo-speedrun.toml", "grpo-speedrun.toml"}
     shipped = {p.name for p in RECIPES.glob("*.toml") if p.name.startswith(("reward-", "dpo-", "ppo-", "grpo-"))}
     assert shipped == checked
+
+
+def test_every_stage_refuses_unknown_sections_and_optim_lr():
+    from lmlab.align.grpo import load_grpo_recipe
+    from lmlab.align.offline import resolve_align
+    from lmlab.align.online import resolve_online
+    from lmlab.align.reward import resolve_reward
+
+    stages = [lambda d: resolve_reward(d, model="m", data="d"),
+              lambda d: resolve_align(d, method="dpo", model="m", data="d"),
+              lambda d: resolve_online(d, model="m", prompts="p", rewards=["ended"])]
+    for resolve in stages:
+        with pytest.raises(ValueError, match=r"unknown recipe section\(s\) \['trian'\]"):
+            resolve({"trian": {"lr": 1.0}})
+        with pytest.raises(ValueError, match="the peak learning rate is train.lr"):
+            resolve({"optim": {"lr": 1.0}})
+    with pytest.raises(ValueError, match="unknown section 'trian'; did you mean train.lr"):
+        load_grpo_recipe(None, ["trian.lr=1"], model="m")
+    # RL fine-tunes a finished model: no weight decay unless the recipe asks
+    assert load_grpo_recipe(None, [], model="m", prompts="p", rewards=["number"]).optim.weight_decay == 0.0
