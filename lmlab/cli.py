@@ -1108,13 +1108,7 @@ def add_sft_command(sub) -> None:
     p.add_argument("--data", help="conversations: a .jsonl/.json file or a dataset name[:split] (data.train)")
     p.add_argument("--adapter", choices=["lora", "rslora", "dora", "qlora", "ia3", "prefix"],
                    help="train an adapter instead of all weights (None: full fine-tuning)")
-    p.add_argument("--recipe", help="TOML recipe (optional)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a setting, e.g. train.lr=1e-4 or adapter.r=16 (repeatable; values are TOML)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    _add_run_flags(p, "train.lr=1e-4 or adapter.r=16")
     p.set_defaults(func=cmd_sft)
 
 
@@ -1782,6 +1776,18 @@ def add_judge_commands(sub) -> None:
 
 
 # --- alignment (lmlab/align/) -----------------------------------------------------------------
+def _add_run_flags(p: argparse.ArgumentParser, example: str) -> None:
+    """The flags every recipe-driven training stage shares (`lmlab sft`, `lmlab reward train`, `lmlab align ...`);
+    `example` shows --set on settings of that stage."""
+    p.add_argument("--recipe", help="TOML recipe (optional)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help=f"override a setting, e.g. {example} (repeatable; values are TOML)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+
+
 def _run_stage(args: argparse.Namespace, load: Callable[[], Any], run: Callable[..., Any]) -> Any | int:
     """What every training stage of `lmlab reward` / `lmlab align` does around its run: resolve the config
     (`load()`), print it with --print-config, run on every process (log lines from rank 0 only). Returns the run's
@@ -1906,13 +1912,7 @@ def add_reward_commands(sub) -> None:
     )
     t.add_argument("--model", help="the backbone checkpoint, lmlab or Hugging Face (model.path)")
     t.add_argument("--data", help="preference pairs: a .jsonl/.json file or a dataset name[:split] (data.train)")
-    t.add_argument("--recipe", help="TOML recipe (optional)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a setting, e.g. train.lr=1e-4 or data.seq_len=256 (repeatable; values are TOML)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-    t.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    _add_run_flags(t, "train.lr=1e-4 or data.seq_len=256")
     t.set_defaults(func=cmd_reward_train)
 
     s = rsub.add_parser(
@@ -1983,13 +1983,7 @@ def add_align_offline_commands(asub) -> None:
             p.add_argument("--ref", help="the reference model (model.ref); default: the starting policy")
         p.add_argument("--adapter", choices=["lora", "rslora", "dora", "qlora", "ia3"],
                        help="train an adapter on the frozen policy instead of every weight")
-        p.add_argument("--recipe", help="TOML recipe (optional)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a setting, e.g. align.beta=0.05 or train.lr=1e-6 (repeatable; values are TOML)")
-        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-        p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics go to metrics.jsonl)")
+        _add_run_flags(p, "align.beta=0.05 or train.lr=1e-6")
         p.set_defaults(func=cmd_align_offline, ref=None)
 
 
@@ -2029,13 +2023,7 @@ def add_align_online_command(asub) -> None:
                         "format, ended, sentiment, length=N) or module:function / file.py:function")
     p.add_argument("--judge", help="label pairs by this judge instead: a checkpoint directory or an endpoint URL")
     p.add_argument("--judge-model", help="the endpoint's model name (URL judges)")
-    p.add_argument("--recipe", help="TOML recipe (optional)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a setting, e.g. rollout.rollouts=10 or align.beta=0.05 (repeatable; values are TOML)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics go to metrics.jsonl)")
+    _add_run_flags(p, "rollout.rollouts=10 or align.beta=0.05")
     p.set_defaults(func=cmd_align_online)
 
 
@@ -2104,14 +2092,8 @@ def add_align_rl_commands(asub) -> None:
         if method == "grpo":
             p.add_argument("--dr-grpo", action="store_true",
                            help="Dr. GRPO: grpo.scale_rewards = false and grpo.loss_agg = 'constant'")
-        p.add_argument("--recipe", help="TOML recipe (optional)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a setting, e.g. train.lr=1e-5, rollout.max_new_tokens=128, "
-                            f"{method}.{'kl_coef' if method == 'ppo' else 'beta'}=0.02 (repeatable; values are TOML)")
-        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
-        p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics go to metrics.jsonl)")
+        _add_run_flags(p, "train.lr=1e-5, rollout.max_new_tokens=128, "
+                          f"{method}.{'kl_coef' if method == 'ppo' else 'beta'}=0.02")
         p.set_defaults(func=cmd_align_rl)
 
 

@@ -194,47 +194,53 @@ def preference_objective(cfg: PreferenceConfig) -> Callable[[nn.Module, dict], t
     """The loss of `cfg.method` on a pair batch (align/preference.py `collate`), with the logged metrics.
     Its `count` is the number of pairs, so micro-batches weigh by pairs."""
     cfg = cfg.resolved()
-    method, beta = cfg.method, cfg.beta
 
     def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        B = batch["margin"].shape[0]
-        logps, n = prefs.sequence_logps(model, batch)
-        n = n.clamp(min=1)
-        first, second = logps[:B], logps[B:]
-        averaged = logps / n
-        metrics: dict[str, Any] = {}
-        if method in ("dpo", "cdpo", "ipo", "kto") and "ref_chosen" not in batch:
-            raise ValueError(f"{method} needs the reference model's log-probabilities in the batch "
-                             "(align/preference.py reference_logps fills them)")
-        if method in ("dpo", "cdpo"):
-            out = losses.dpo_loss(first, second, batch["ref_chosen"].to(logps.dtype),
-                                  batch["ref_rejected"].to(logps.dtype), beta, cfg.label_smoothing)
-        elif method == "ipo":
-            out = losses.ipo_loss(averaged[:B], averaged[B:], batch["ref_chosen"].to(logps.dtype) / n[:B],
-                                  batch["ref_rejected"].to(logps.dtype) / n[B:], beta)
-        elif method == "kto":
-            kl = losses.kl_estimate(second, batch["ref_rejected"].to(logps.dtype))
-            kl = distributed_mean(kl)
-            out = losses.kto_loss(first, batch["ref_chosen"].to(logps.dtype), batch["desirable"], kl, beta,
-                                  cfg.desirable_weight, cfg.undesirable_weight)
-            metrics["kl"] = kl
-        elif method == "orpo":
-            nll = -first.sum() / n[:B].sum()
-            out = losses.orpo_loss(averaged[:B], averaged[B:], nll, beta)
-            metrics["nll"] = nll.detach()
-        else:  # simpo
-            out = losses.simpo_loss(averaged[:B], averaged[B:], beta, cfg.gamma, cfg.label_smoothing)
-        metrics.update(_reward_metrics(out, method))
-        if method == "kto":
-            desirable = batch["desirable"]
-            metrics["logp_desirable"] = _mean(first.detach()[desirable])
-            metrics["logp_undesirable"] = _mean(first.detach()[~desirable])
-        else:
-            metrics["logp_chosen"], metrics["logp_rejected"] = first.detach().mean(), second.detach().mean()
-        return out.loss, metrics
+        return preference_loss(cfg, batch, *prefs.sequence_logps(model, batch))
 
     objective.count = lambda batch: batch["margin"].shape[0]
     return objective
+
+
+def preference_loss(cfg: PreferenceConfig, batch: dict[str, torch.Tensor], logps: torch.Tensor,
+                    n: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(loss, metrics) of the resolved method `cfg` from the policy's log-probabilities of a pair batch's rows
+    (`sequence_logps`: summed log-probs and reply lengths, chosen rows first)."""
+    method, beta = cfg.method, cfg.beta
+    B = batch["margin"].shape[0]
+    n = n.clamp(min=1)
+    first, second = logps[:B], logps[B:]
+    averaged = logps / n
+    metrics: dict[str, Any] = {}
+    if method in ("dpo", "cdpo", "ipo", "kto") and "ref_chosen" not in batch:
+        raise ValueError(f"{method} needs the reference model's log-probabilities in the batch "
+                         "(align/preference.py reference_logps fills them)")
+    if method in ("dpo", "cdpo"):
+        out = losses.dpo_loss(first, second, batch["ref_chosen"].to(logps.dtype),
+                              batch["ref_rejected"].to(logps.dtype), beta, cfg.label_smoothing)
+    elif method == "ipo":
+        out = losses.ipo_loss(averaged[:B], averaged[B:], batch["ref_chosen"].to(logps.dtype) / n[:B],
+                              batch["ref_rejected"].to(logps.dtype) / n[B:], beta)
+    elif method == "kto":
+        kl = losses.kl_estimate(second, batch["ref_rejected"].to(logps.dtype))
+        kl = distributed_mean(kl)
+        out = losses.kto_loss(first, batch["ref_chosen"].to(logps.dtype), batch["desirable"], kl, beta,
+                              cfg.desirable_weight, cfg.undesirable_weight)
+        metrics["kl"] = kl
+    elif method == "orpo":
+        nll = -first.sum() / n[:B].sum()
+        out = losses.orpo_loss(averaged[:B], averaged[B:], nll, beta)
+        metrics["nll"] = nll.detach()
+    else:  # simpo
+        out = losses.simpo_loss(averaged[:B], averaged[B:], beta, cfg.gamma, cfg.label_smoothing)
+    metrics.update(_reward_metrics(out, method))
+    if method == "kto":
+        desirable = batch["desirable"]
+        metrics["logp_desirable"] = _mean(first.detach()[desirable])
+        metrics["logp_undesirable"] = _mean(first.detach()[~desirable])
+    else:
+        metrics["logp_chosen"], metrics["logp_rejected"] = first.detach().mean(), second.detach().mean()
+    return out.loss, metrics
 
 
 def distributed_mean(value: torch.Tensor) -> torch.Tensor:
@@ -261,21 +267,23 @@ def _reward_metrics(out: losses.PreferenceLoss, method: str) -> dict[str, Any]:
 
 # --- held-out evaluation -----------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_pairs(model: nn.Module, examples: list[prefs.PairExample], objective: Callable,
-                   batch_size: int, method: str) -> dict[str, Any]:
-    """The method's metrics averaged over the held-out examples (weighted by pairs), and the win rate."""
+def evaluate_pairs(model: nn.Module, examples: list[prefs.PairExample], cfg: PreferenceConfig,
+                   batch_size: int) -> dict[str, Any]:
+    """The method's metrics averaged over the held-out examples (weighted by pairs), and the win rate; one forward
+    pass per batch serves both."""
     if not examples:
         return {}
+    cfg = cfg.resolved()
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     wins, total = 0.0, 0
     for batch in prefs.eval_batches(examples, batch_size, device):
         B = batch["margin"].shape[0]
-        loss, metrics = objective(model, batch)
+        logps, n = prefs.sequence_logps(model, batch)
+        loss, metrics = preference_loss(cfg, batch, logps, n)
         for k, v in {"val_loss": loss, **metrics}.items():
             sums[k] = sums.get(k, 0.0) + float(v) * B
-        logps, _ = prefs.sequence_logps(model, batch)
-        if method == "kto":  # did the policy move the reply the way its label asks, relative to the reference?
+        if cfg.method == "kto":  # did the policy move the reply the way its label asks, relative to the reference?
             moved = logps[:B].double() - batch["ref_chosen"]
             wins += float(torch.where(batch["desirable"], moved > 0, moved < 0).sum())
         else:
@@ -389,7 +397,7 @@ def align_offline(cfg: AlignConfig, *, resume: bool = False, overwrite: bool = F
         val_examples = val_set.examples[env.dp_rank::env.dp_size]
 
         def evaluate(m: nn.Module) -> dict[str, Any]:
-            return evaluate_pairs(m, val_examples, objective, cfg.train.batch_size, method)
+            return evaluate_pairs(m, val_examples, cfg.align, cfg.train.batch_size)
 
         summary_path = out_dir / SUMMARY_FILE
         previous = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
@@ -433,4 +441,5 @@ def plot_alignment(out_dir: str | Path, before: dict[str, Any] | None = None,
 
 
 __all__ = ["AlignConfig", "AlignResult", "METHODS", "PolicyConfig", "PreferenceConfig", "PreferenceDataConfig",
-           "align_offline", "evaluate_pairs", "load_align_recipe", "preference_objective", "resolve_align"]
+           "align_offline", "evaluate_pairs", "load_align_recipe", "preference_loss", "preference_objective",
+           "resolve_align"]
