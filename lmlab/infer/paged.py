@@ -142,16 +142,23 @@ class PagedKVCache:
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None,
                  dtype: torch.dtype = torch.float32):
-        shape = (num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        if cfg.recurrent:
+            raise ValueError("the serving engine pages per-token KV caches; this model has recurrent layers (linear "
+                             "attention or SSM) whose per-sequence state it does not hold yet. Generate with "
+                             "lmlab.infer.generate.generate (KVCache holds both KV and recurrent state)")
+        self.k, self.v = [], []
+        for layer in range(cfg.n_layers):
+            (k_heads, k_dim), (v_heads, v_dim) = cfg.cache_layout(layer)
+            self.k.append(torch.zeros(num_blocks * block_size, k_heads, k_dim, device=device, dtype=dtype))
+            self.v.append(torch.zeros(num_blocks * block_size, v_heads, v_dim, device=device, dtype=dtype))
         self.block_size = block_size
         self.device = device
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * itemsize
+        per_token = sum(h * d for layer in range(cfg.n_layers) for h, d in (cfg.cache_layout(layer) or ()))
+        return block_size * per_token * itemsize
 
     def step(self, tables: Sequence[Sequence[int]], context: Sequence[int], new: Sequence[int]) -> PagedStep:
         """A KVCache-like view for one forward pass over rows that each have context[i] tokens already in

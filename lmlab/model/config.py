@@ -18,7 +18,8 @@ NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
-LAYER_TYPES = ("full", "sliding")
+LAYER_TYPES = ("full", "sliding", "linear", "mamba")  # softmax attention, windowed, linear attention, SSM
+RECURRENT_LAYERS = ("linear", "mamba")  # a fixed-size state per sequence instead of a per-token cache
 
 
 @dataclass
@@ -46,6 +47,93 @@ class RopeScaling:
     beta_slow: float = 1.0
     attention_factor: float | None = None
     truncate: bool = True
+
+
+@dataclass
+class MoEConfig:
+    """A mixture-of-experts MLP (model/moe.py) in place of the dense one.
+
+    n_experts routed experts of hidden width d_expert; each token goes to top_k of them.
+    router: "softmax_topk" (softmax over all experts, then the k largest: Mixtral, Qwen-MoE,
+      DeepSeek-V2), "topk_softmax" (the k largest logits, then a softmax over those k), or
+      "sigmoid" (independent sigmoid scores, DeepSeek-V3).
+    norm_topk_prob: renormalize the k selected weights to sum to 1.
+    routed_scaling_factor: multiplies the routed experts' combined output (DeepSeek).
+    n_groups / topk_groups / group_score: DeepSeek's group-limited routing: experts split into
+      n_groups groups, each scored by group_score ("max": its best expert, V2; "top2_sum": the sum
+      of its two best, V3), and only the topk_groups best groups are eligible.
+    bias_balancing: DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, added to the
+      scores for selection only, nudged by bias_update_rate after every optimizer step towards
+      even load.
+    aux_loss_coef: weight of the Switch/GShard load-balancing loss; z_loss_coef: of the ST-MoE
+      router z-loss. Both are added to the training loss.
+    capacity_factor: None routes every token (dropless); a number caps each expert at
+      ceil(capacity_factor * tokens * top_k / n_experts) tokens and drops the rest.
+    n_shared_experts / d_shared: always-on experts (DeepSeekMoE, Qwen2-MoE), held as one MLP of
+      width n_shared_experts * d_shared; shared_gate scales it by sigmoid(x w) (Qwen2-MoE).
+    dense_layers: layers that keep the dense MLP (DeepSeek's first_k_dense_replace).
+    """
+
+    n_experts: int = 8
+    top_k: int = 2
+    d_expert: int | None = None  # None: the model's d_ff
+    router: str = "softmax_topk"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "max"
+    bias_balancing: bool = False
+    bias_update_rate: float = 1e-3
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    capacity_factor: float | None = None
+    n_shared_experts: int = 0
+    d_shared: int | None = None  # None: d_expert
+    shared_gate: bool = False
+    dense_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2, model/mla.py): keys and values are expanded from
+    one compressed latent of kv_lora_rank dims per token, and RoPE goes on a separate
+    qk_rope_head_dim-wide key shared by all heads, so the cache holds only the latent and that key.
+    q_lora_rank: compress queries through a latent of this rank too (None: a full q projection).
+    Each head's query/key is qk_nope_head_dim + qk_rope_head_dim wide, its value v_head_dim.
+    """
+
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+
+@dataclass
+class LinearAttentionConfig:
+    """Linear attention layers (layer_types "linear", model/linear_attention.py)."""
+
+    feature_map: str = "elu"  # phi(x): "elu" (elu + 1, Katharopoulos et al. 2020), "relu", "identity"
+    normalize: bool = True  # divide by phi(q) . sum phi(k) (the softmax denominator's analogue)
+    eps: float = 1e-6
+
+
+@dataclass
+class SSMConfig:
+    """State-space layers (layer_types "mamba", model/ssm.py)."""
+
+    kind: str = "mamba"  # "mamba" (selective scan, Gu & Dao 2023) | "mamba2" (SSD, Dao & Gu 2024)
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # mamba: None means ceil(d_model / 16)
+    head_dim: int = 64  # mamba2
+    n_groups: int = 1  # mamba2
+    chunk_size: int = 64  # the chunk length of the parallel (training) form
+    conv_bias: bool = True
+    proj_bias: bool = False
+    mlp: bool = False  # whether a mamba layer also has an MLP sublayer (pure Mamba: no; Jamba: yes)
 
 
 @dataclass
@@ -83,12 +171,17 @@ class ModelConfig:
     attn_scale: float | None = None  # None: 1 / sqrt(head_dim)
     attn_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap) before softmax
     sliding_window: int | None = None  # a query sees at most this many keys, itself included
-    layer_types: list[str] | None = None  # per layer "full" | "sliding"; None: all the same
+    layer_types: list[str] | None = None  # per layer "full" | "sliding" | "linear" | "mamba"; None: all "full"
+    layer_pattern: list[str] | None = None  # repeated to fill layer_types, e.g. ["mamba"] * 3 + ["full"]
+    mla: MLAConfig | None = None  # multi-head latent attention in place of q/k/v projections
+    linear_attention: LinearAttentionConfig | None = None  # set by default when a layer is "linear"
+    ssm: SSMConfig | None = None  # set by default when a layer is "mamba"
 
     # --- MLP -------------------------------------------------------------------------------
     mlp_gated: bool = True  # act(x W_gate) * (x W_up): SwiGLU / GeGLU
     mlp_activation: str = "silu"  # "gelu" | "gelu_tanh" | "silu" | "relu"
     mlp_bias: bool = False
+    moe: MoEConfig | None = None  # a mixture of experts in place of the dense MLP
 
     # --- embeddings and output -------------------------------------------------------------
     tie_embeddings: bool = False
@@ -103,8 +196,23 @@ class ModelConfig:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        for name, kind in (("rope_scaling", RopeScaling), ("moe", MoEConfig), ("mla", MLAConfig),
+                           ("linear_attention", LinearAttentionConfig), ("ssm", SSMConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - {f.name for f in fields(kind)})
+                if unknown:
+                    raise ValueError(f"invalid ModelConfig: unknown {name} fields {unknown}; "
+                                     f"known: {[f.name for f in fields(kind)]}")
+                setattr(self, name, kind(**value))
+        if self.layer_pattern is not None:
+            if self.layer_types is not None:
+                raise ValueError("invalid ModelConfig: set layer_types or layer_pattern, not both")
+            if not self.layer_pattern:
+                raise ValueError("invalid ModelConfig: layer_pattern is empty")
+            self.layer_pattern = list(self.layer_pattern)
+            self.layer_types = [self.layer_pattern[i % len(self.layer_pattern)] for i in range(self.n_layers)]
+            self.layer_pattern = None  # expanded once: layer_types is the one source of truth from here on
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -120,6 +228,10 @@ class ModelConfig:
                 self.d_ff = 256 * ((2 * self.d_ff // 3 + 255) // 256)
         if self.layer_types is not None:
             self.layer_types = list(self.layer_types)
+            if "linear" in self.layer_types and self.linear_attention is None:
+                self.linear_attention = LinearAttentionConfig()
+            if "mamba" in self.layer_types and self.ssm is None:
+                self.ssm = SSMConfig()
         self.validate()
 
     def validate(self) -> None:
@@ -175,13 +287,69 @@ class ModelConfig:
                 "sliding" not in self.layer_types or self.sliding_window is not None,
                 "layer_types has 'sliding' layers but sliding_window is not set",
             )
+        if self.moe is not None:
+            self._validate_moe(check)
+        if self.mla is not None:
+            self._validate_mla(check)
+        if self.linear_attention is not None:
+            self._validate_linear_attention(check)
+        if self.ssm is not None:
+            self._validate_ssm(check)
         for name in ("attn_softcap", "logit_softcap"):
             value = getattr(self, name)
             check(value is None or value > 0, f"{name} must be positive or None, got {value}")
 
+    def _validate_moe(self, check) -> None:
+        m = self.moe
+        check(m.n_experts >= 1 and 1 <= m.top_k <= m.n_experts,
+              f"moe needs n_experts >= 1 and 1 <= top_k <= n_experts, got {m.n_experts} and {m.top_k}")
+
+    def _validate_mla(self, check) -> None:
+        m = self.mla
+        check(m.kv_lora_rank > 0 and m.v_head_dim > 0 and m.qk_nope_head_dim >= 0,
+              "mla needs kv_lora_rank > 0, v_head_dim > 0 and qk_nope_head_dim >= 0")
+        check(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
+              f"mla.qk_rope_head_dim must be even and positive, got {m.qk_rope_head_dim}")
+
+    def _validate_linear_attention(self, check) -> None:
+        pass
+
+    def _validate_ssm(self, check) -> None:
+        pass
+
     # --- derived quantities ----------------------------------------------------------------
+    def layer_kind(self, layer: int) -> str:
+        """"full", "sliding", "linear" or "mamba": what mixes tokens in this layer."""
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return "sliding" if self.sliding_window is not None else "full"
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe is not None and layer not in self.moe.dense_layers
+
+    def has_mlp(self, layer: int) -> bool:
+        """Every layer has an MLP (or MoE) sublayer except a Mamba layer without ssm.mlp."""
+        return self.layer_kind(layer) != "mamba" or self.ssm.mlp
+
+    def cache_layout(self, layer: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """What each token adds to this layer's cache: (heads, dim) of its two cached tensors
+        (keys and values; with MLA the KV latent and the shared RoPE key); None for a recurrent
+        layer, which keeps a fixed-size state per sequence instead."""
+        if self.layer_kind(layer) in RECURRENT_LAYERS:
+            return None
+        if self.mla is not None:
+            return (1, self.mla.kv_lora_rank), (1, self.mla.qk_rope_head_dim)
+        return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether any layer keeps a recurrent state (linear attention, SSM)."""
+        return any(self.layer_kind(i) in RECURRENT_LAYERS for i in range(self.n_layers))
+
     @property
     def rotary_dim(self) -> int:
+        if self.mla is not None:  # MLA rotates only its decoupled RoPE key/query dims
+            return self.mla.qk_rope_head_dim
         return int(self.head_dim * self.rope_fraction)
 
     def window_of(self, layer: int) -> int | None:

@@ -136,11 +136,17 @@ _ROPE_KINDS_FROM_HF = ("default", "linear", "dynamic", "yarn", "llama3")
 
 @dataclass(frozen=True)
 class Link:
-    """One HF tensor <-> the lmlab tensors it holds, concatenated along dim 0 in this order."""
+    """One HF tensor <-> the lmlab tensors it holds, concatenated along dim 0 in this order.
+    With experts > 0, `hf` is a template with "{e}": HF stores one tensor per expert, and the one
+    lmlab tensor is their stack, (experts, ...)."""
 
     hf: str
     lmlab: tuple[str, ...]
     conv1d: bool = False  # stored transposed (GPT-2 Conv1D), relative to nn.Linear
+    experts: int = 0
+
+    def hf_names(self) -> list[str]:
+        return [self.hf.format(e=e) for e in range(self.experts)] if self.experts else [self.hf]
 
 
 @dataclass(frozen=True)
@@ -726,16 +732,23 @@ def lmlab_config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict[
 # ============================================================================================
 
 
-def _links(family: Family, params: Iterable[str], n_layers: int) -> list[Link]:
+def _links(family: Family, params: dict[str, torch.Size], n_layers: int) -> list[Link]:
     """The table expanded for one model: a Link for every HF tensor whose lmlab parameters exist.
-    Raises if an lmlab parameter has no HF counterpart in this family."""
-    params = set(params)
+    A table entry names modules (their weight and bias are linked) or, for tensors that are not
+    a weight or a bias (an SSM's A_log), the tensors themselves. An HF name with "{e}" stores one
+    tensor per expert of the lmlab tensor's leading dimension. Raises if an lmlab parameter has no
+    HF counterpart in this family."""
     links, covered = [], set()
     for lm, hf in family.modules.items():
         group = (lm,) if isinstance(lm, str) else lm
         for i in range(n_layers) if "{i}" in hf else [None]:
             mods = [m.format(i=i) for m in group]
-            hf_mod = hf.format(i=i)
+            hf_mod = hf.replace("{i}", str(i)) if i is not None else hf
+            if len(mods) == 1 and mods[0] in params:  # a tensor named directly
+                experts = params[mods[0]][0] if "{e}" in hf_mod else 0
+                links.append(Link(hf_mod, (mods[0],), experts=experts))
+                covered.add(mods[0])
+                continue
             for kind in ("weight", "bias"):
                 names = tuple(f"{m}.{kind}" for m in mods)
                 present = [n in params for n in names]
@@ -746,9 +759,10 @@ def _links(family: Family, params: Iterable[str], n_layers: int) -> list[Link]:
                         f"{hf_mod}.{kind} fuses {list(names)}, but only some exist in this model"
                     )
                 conv1d = kind == "weight" and hf_mod.endswith(family.conv1d)
-                links.append(Link(f"{hf_mod}.{kind}", names, conv1d))
+                experts = params[names[0]][0] if "{e}" in hf_mod else 0
+                links.append(Link(f"{hf_mod}.{kind}", names, conv1d, experts))
                 covered.update(names)
-    missing = sorted(params - covered)
+    missing = sorted(set(params) - covered)
     if missing:
         raise ValueError(
             f"lmlab parameters {missing} have no counterpart in HF {family.model_type}; "
@@ -828,14 +842,29 @@ def _split(link: Link, tensor: torch.Tensor, shapes: list[torch.Size]) -> Iterat
     return iter(tensor.split(sizes, dim=0))
 
 
-def _fuse(link: Link, parts: list[torch.Tensor]) -> torch.Tensor:
-    """lmlab parts -> the HF tensor (the inverse of _split)."""
+def _read(link: Link, ckpt: _Checkpoint) -> torch.Tensor:
+    """The HF tensor of a link; one per expert, stacked, for an expert link."""
+    if link.experts:
+        return torch.stack([ckpt.get(name) for name in link.hf_names()])
+    return ckpt.get(link.hf)
+
+
+def _fuse(link: Link, parts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lmlab parts -> the HF tensors, by name (the inverse of _split and _read)."""
     tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-    return (tensor.t() if link.conv1d else tensor).contiguous()
+    tensor = tensor.t() if link.conv1d else tensor
+    if link.experts:
+        return {name: t.contiguous() for name, t in zip(link.hf_names(), tensor.unbind(0), strict=True)}
+    return {link.hf: tensor.contiguous()}
+
+
+def _tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of a model: its parameters and persistent buffers (e.g. an MoE router's bias)."""
+    return dict(model.state_dict(keep_vars=True))
 
 
 def _check_names(ckpt: _Checkpoint, links: list[Link], cfg: ModelConfig, family: Family) -> None:
-    available, wanted = ckpt.names(), {link.hf: link for link in links}
+    available, wanted = ckpt.names(), {name: link for link in links for name in link.hf_names()}
     missing = [f"{n} (-> {', '.join(wanted[n].lmlab)})" for n in wanted if n not in available]
     if missing:
         raise ValueError(
@@ -875,16 +904,16 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu",
     family = FAMILIES[cfg.meta["hf_model_type"]]
     ckpt = _Checkpoint(path, family)
     with torch.device("meta"):  # parameter names and shapes, without allocating
-        shapes = {n: p.shape for n, p in Transformer(cfg).named_parameters()}
+        shapes = {n: p.shape for n, p in _tensors(Transformer(cfg)).items()}
     links = _links(family, shapes, cfg.n_layers)
     _check_names(ckpt, links, cfg, family)
     if dtype is None:
         dtype = ckpt.get(f"{family.modules['embed']}.weight").dtype
     model = build_model(cfg, device, dtype, init=False)
-    params = dict(model.named_parameters())
+    params = _tensors(model)
     with torch.no_grad():
         for link in tqdm(links, desc=f"loading {path.name}", unit="tensor", leave=False, disable=None):
-            parts = _split(link, ckpt.get(link.hf), [shapes[n] for n in link.lmlab])
+            parts = _split(link, _read(link, ckpt), [shapes[n] for n in link.lmlab])
             for name, part in zip(link.lmlab, parts, strict=True):
                 params[name].copy_(part)
     return model
@@ -906,12 +935,12 @@ def save_hf(model: Transformer, out_dir: str | Path, *, model_type: str | None =
     cfg = model.cfg
     hf_cfg = lmlab_config_to_hf(cfg, model_type)
     family = FAMILIES[hf_cfg["model_type"]]
-    params = dict(model.named_parameters())
+    params = _tensors(model)
     hf_cfg["dtype"] = str(params["embed.weight"].dtype).removeprefix("torch.")
-    links = _links(family, params, cfg.n_layers)
+    links = _links(family, {n: t.shape for n, t in params.items()}, cfg.n_layers)
     out_dir, extra = Path(out_dir), [Path(f) for f in extra_files]
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:  # refuses a non-empty out_dir first
-        tensors = {link.hf: _fuse(link, [params[n].detach().cpu() for n in link.lmlab]) for link in links}
+        tensors = {name: t for link in links for name, t in _fuse(link, [params[n].detach().cpu() for n in link.lmlab]).items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         for src in extra:
@@ -965,6 +994,14 @@ FAMILIES: dict[str, Family] = {
                conv1d=_GPT2_CONV1D),
     )
 }
+
+# Families built on the machinery above, kept beside the layers they load: mixtures of experts,
+# DeepSeek's latent attention, state-space models. Imported last, since they import this module.
+from .hub_deepseek import FAMILIES as _DEEPSEEK  # noqa: E402
+from .hub_moe import FAMILIES as _MOE  # noqa: E402
+from .hub_ssm import FAMILIES as _SSM  # noqa: E402
+
+FAMILIES.update((f.model_type, f) for f in (*_MOE, *_DEEPSEEK, *_SSM))
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 

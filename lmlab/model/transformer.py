@@ -1,9 +1,13 @@
 """The decoder-only transformer: one module whose every variant is a `ModelConfig` field.
 
     x = embed(ids) * embedding_scale (+ position embedding)
-    for each block:  x = x + post_norm(attn(pre_norm(x)))
+    for each block:  x = x + post_norm(mixer(pre_norm(x)))
                      x = x + post_norm(mlp(pre_norm(x)))
     logits = softcap(final_norm(x) @ W_out)
+
+The mixer of a layer is its `cfg.layer_kind`: softmax attention ("full", "sliding"; multi-head
+latent attention when `cfg.mla` is set), linear attention ("linear") or a state-space layer
+("mamba"); the MLP is dense or a mixture of experts (`cfg.moe`). Hybrid stacks mix kinds per layer.
 
 Parameter names follow the Hugging Face Llama layout (q_proj, gate_proj, ...), so checkpoint
 conversion is mostly renaming and LoRA target patterns read the same as elsewhere.
@@ -32,23 +36,54 @@ IGNORE_INDEX = -100
 
 class ModelOutput(NamedTuple):
     logits: torch.Tensor | None  # None when forward(..., return_logits=False)
-    loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # in training mode it includes aux_loss
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing + router z-loss, already weighted; None without
+
+
+def token_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The module that mixes information across positions in this layer. Every kind takes
+    (x, rope, masks, cache, alibi) and returns (B, T, d_model)."""
+    kind = cfg.layer_kind(layer)
+    if kind == "linear":
+        from .linear_attention import LinearAttention
+        return LinearAttention(cfg, layer)
+    if kind == "mamba":
+        from .ssm import Mamba, Mamba2
+        return (Mamba2 if cfg.ssm.kind == "mamba2" else Mamba)(cfg, layer)
+    if cfg.mla is not None:
+        from .mla import MultiHeadLatentAttention
+        return MultiHeadLatentAttention(cfg, layer)
+    return Attention(cfg, layer)
+
+
+def channel_mixer(cfg: ModelConfig, layer: int) -> nn.Module | None:
+    """The per-token feed-forward sublayer: a mixture of experts, a dense MLP, or none."""
+    if not cfg.has_mlp(layer):
+        return None
+    if cfg.is_moe(layer):
+        from .moe import MoE
+        return MoE(cfg, layer)
+    return MLP(cfg)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        # Named `attn` for every token mixer, SSMs included, so module paths (and LoRA patterns) keep one shape.
         self.attn_norm = Norm.from_config(cfg) if cfg.pre_norm else None
-        self.attn = Attention(cfg, layer)
+        self.attn = token_mixer(cfg, layer)
         self.attn_post_norm = Norm.from_config(cfg) if cfg.post_norm else None
-        self.mlp_norm = Norm.from_config(cfg) if cfg.pre_norm else None
-        self.mlp = MLP(cfg)
-        self.mlp_post_norm = Norm.from_config(cfg) if cfg.post_norm else None
+        self.mlp = channel_mixer(cfg, layer)
+        has_mlp = self.mlp is not None
+        self.mlp_norm = Norm.from_config(cfg) if cfg.pre_norm and has_mlp else None
+        self.mlp_post_norm = Norm.from_config(cfg) if cfg.post_norm and has_mlp else None
 
     def forward(self, x, rope, masks, cache=None, alibi=None):
         h = self.attn_norm(x) if self.attn_norm is not None else x
         h = self.attn(h, rope, masks, cache, alibi)
         x = x + (self.attn_post_norm(h) if self.attn_post_norm is not None else h)
+        if self.mlp is None:
+            return x
         h = self.mlp_norm(x) if self.mlp_norm is not None else x
         h = self.mlp(h)
         return x + (self.mlp_post_norm(h) if self.mlp_post_norm is not None else h)
@@ -84,13 +119,17 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, cfg.init_std)
             elif isinstance(module, Norm):
                 module.reset_parameters()
+        for module in self.modules():  # layers whose parameters need more than the above (experts, SSMs)
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights(cfg.init_std, residual_std)
 
     def set_attn_impl(self, impl: str) -> Transformer:
         """Switch every layer between "sdpa" (fused kernels) and "reference" (plain math)."""
         if impl not in ATTN_IMPLS:
             raise ValueError(f"attention implementation {impl!r}; choose one of {ATTN_IMPLS}")
         for block in self.blocks:
-            block.attn.impl = impl
+            if hasattr(block.attn, "impl"):
+                block.attn.impl = impl
         return self
 
     # --- forward ---------------------------------------------------------------------------
@@ -111,14 +150,24 @@ class Transformer(nn.Module):
             (model/loss.py): same loss and gradients, far less memory traffic. Training uses it.
         """
         h = self.hidden_states(ids, cache, positions, attention_mask)
+        aux = self.aux_loss()
+        logits = loss = None
         if targets is not None and not return_logits:
             weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-            return ModelOutput(None, linear_cross_entropy(h, weight, targets, self.cfg.logit_softcap, IGNORE_INDEX))
-        logits = self.logits(h)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return ModelOutput(logits, loss)
+            loss = linear_cross_entropy(h, weight, targets, self.cfg.logit_softcap, IGNORE_INDEX)
+        else:
+            logits = self.logits(h)
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if loss is not None and aux is not None and self.training:
+            loss = loss + aux  # what is optimized; evaluation (eval mode) reports the plain cross-entropy
+        return ModelOutput(logits, loss, aux)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The sum of the auxiliary losses (MoE balancing, router z-loss) of the last forward pass, or None."""
+        terms = [block.mlp.aux_loss for block in self.blocks
+                 if block.mlp is not None and getattr(block.mlp, "aux_loss", None) is not None]
+        return torch.stack(terms).sum() if terms else None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B, T, d_model) -> logits, soft-capped when configured."""
@@ -145,6 +194,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not fit ids of "
                                  f"shape {(B, T)}: expected (B, T) or (B, 1, T, T)")
             pair_mask, attention_mask = attention_mask.to(torch.bool), None
+        if pair_mask is not None and cfg.recurrent:
+            raise ValueError("packed sequences with a document mask cannot go through recurrent layers (linear "
+                             "attention, SSM), whose state would carry across documents; pack without doc masks "
+                             "(data.doc_mask = false) or train on unpacked sequences")
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
         if cache is not None:
             cache.reserve(T, valid)
@@ -183,6 +236,9 @@ class Transformer(nn.Module):
             distance = slots[None, :] - slots[start:, None]  # key minus query: <= 0 where visible
             alibi = alibi_slopes(cfg.n_heads).to(ids.device)[:, None, None] * distance  # (H, T, n_k)
         masks = {}
+        if cfg.recurrent:  # which of this call's tokens are real (B, T), or None: padding never enters a state
+            masks["valid"] = (cache.valid[:, start:start + T] if cache.has_padding else None) if cache is not None \
+                else key_valid
         for layer in range(cfg.n_layers):
             window = cfg.window_of(layer)
             if window not in masks:

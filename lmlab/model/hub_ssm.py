@@ -1,0 +1,3 @@
+"""Hugging Face families: (stub, being written)."""
+
+FAMILIES: tuple = ()

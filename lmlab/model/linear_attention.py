@@ -1,0 +1,1 @@
+"""Linear attention (stub, being written)."""
