@@ -16,13 +16,16 @@ from .checkpoint import (
     save_checkpoint,
     write_checkpoint_files,
 )
-from .config import ModelConfig, RopeScaling
+from .config import LinearAttentionConfig, MLAConfig, ModelConfig, MoEConfig, RopeScaling, SSMConfig
 from .counting import (
+    cache_bytes,
+    cache_comparison,
     count_params,
     flops_per_token,
     forward_flops_per_token,
     kv_cache_bytes_per_token,
     matmul_params,
+    state_bytes_per_sequence,
     summary,
 )
 from .hub import SUPPORTED_MODEL_TYPES, hf_config_to_lmlab, load_hf, save_hf
@@ -31,10 +34,11 @@ from .transformer import IGNORE_INDEX, ModelOutput, Transformer, build_model
 
 __all__ = [
     "IGNORE_INDEX", "KVCache", "ModelConfig", "ModelOutput", "RopeScaling", "Transformer", "build_model",
+    "LinearAttentionConfig", "MLAConfig", "MoEConfig", "SSMConfig",
     "CheckpointConfigError", "CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError",
     "CheckpointNotFoundError", "atomic_directory", "is_checkpoint", "load_checkpoint", "read_config",
     "read_metadata", "save_checkpoint", "write_checkpoint_files",
     "count_params", "flops_per_token", "forward_flops_per_token", "kv_cache_bytes_per_token",
-    "matmul_params", "summary",
+    "matmul_params", "summary", "cache_bytes", "cache_comparison", "state_bytes_per_sequence",
     "SUPPORTED_MODEL_TYPES", "hf_config_to_lmlab", "load_hf", "save_hf", "load", "read_any_config",
 ]

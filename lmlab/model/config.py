@@ -17,9 +17,10 @@ from typing import Any
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
-ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3")
+ROPE_SCALINGS = ("linear", "ntk", "dynamic", "yarn", "llama3")
 LAYER_TYPES = ("full", "sliding", "linear", "mamba")  # softmax attention, windowed, linear attention, SSM
 RECURRENT_LAYERS = ("linear", "mamba")  # a fixed-size state per sequence instead of a per-token cache
+SSM_KINDS = ("mamba", "mamba2")  # Mamba (Gu & Dao 2023), Mamba-2 (Dao & Gu 2024)
 
 
 @dataclass
@@ -27,11 +28,15 @@ class RopeScaling:
     """How RoPE frequencies are stretched to reach past the trained context length.
 
     kind: "linear" (position interpolation, Chen et al. 2023: positions / factor),
+      "ntk" (static NTK-aware scaling, bloc97 2023: the base becomes base * factor^(d/(d-2)), so the
+      lowest frequency is stretched by exactly factor and the highest is kept; no transformers
+      equivalent, so such a model cannot be exported with `save_hf`),
       "dynamic" (dynamic NTK: the base grows with the current length once it exceeds
       `original_max_seq_len`), "yarn" (Peng et al. 2023: NTK-by-parts + attention temperature),
       "llama3" (Llama 3.1: wavelength-dependent interpolation between low/high frequency bands).
     factor: the context-extension factor s.
-    original_max_seq_len: the context length the model was pretrained with (dynamic, yarn, llama3).
+    original_max_seq_len: the context length the model was pretrained with (dynamic, yarn, llama3 read it;
+      ntk only records it).
     low_freq_factor, high_freq_factor: llama3 band edges, as wavelength ratios.
     beta_fast, beta_slow: yarn ramp edges, in rotations over the original context.
     attention_factor: yarn's temperature on cos/sin; None means 0.1 * ln(factor) + 1.
@@ -54,25 +59,34 @@ class MoEConfig:
     """A mixture-of-experts MLP (model/moe.py) in place of the dense one.
 
     n_experts routed experts of hidden width d_expert; each token goes to top_k of them.
+    d_expert: None means the model's d_ff (resolved when the config is built). Fine-grained
+      experts (DeepSeekMoE) are just many experts with a small d_expert and a larger top_k.
     router: "softmax_topk" (softmax over all experts, then the k largest: Mixtral, Qwen-MoE,
       DeepSeek-V2), "topk_softmax" (the k largest logits, then a softmax over those k), or
       "sigmoid" (independent sigmoid scores, DeepSeek-V3).
-    norm_topk_prob: renormalize the k selected weights to sum to 1.
+    norm_topk_prob: renormalize the k selected weights to sum to 1 (no effect for topk_softmax,
+      whose weights already do).
     routed_scaling_factor: multiplies the routed experts' combined output (DeepSeek).
     n_groups / topk_groups / group_score: DeepSeek's group-limited routing: experts split into
       n_groups groups, each scored by group_score ("max": its best expert, V2; "top2_sum": the sum
       of its two best, V3), and only the topk_groups best groups are eligible.
-    bias_balancing: DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias, added to the
-      scores for selection only, nudged by bias_update_rate after every optimizer step towards
-      even load.
+    bias_balancing: DeepSeek-V3's auxiliary-loss-free balancing: a per-expert bias (the buffer
+      `expert_bias`), added to the scores for selection only, nudged by bias_update_rate after
+      every optimizer step towards even load (`moe.update_expert_biases`).
     aux_loss_coef: weight of the Switch/GShard load-balancing loss; z_loss_coef: of the ST-MoE
-      router z-loss. Both are added to the training loss.
+      router z-loss. Both are added to the training loss (training forwards only).
     capacity_factor: None routes every token (dropless); a number caps each expert at
-      ceil(capacity_factor * tokens * top_k / n_experts) tokens and drops the rest.
+      ceil(capacity_factor * tokens * top_k / n_experts) assignments per training forward and
+      drops the rest, lowest routing priority first (evaluation and generation never drop).
     n_shared_experts / d_shared: always-on experts (DeepSeekMoE, Qwen2-MoE), held as one MLP of
-      width n_shared_experts * d_shared; shared_gate scales it by sigmoid(x w) (Qwen2-MoE).
-    dense_layers: layers that keep the dense MLP (DeepSeek's first_k_dense_replace).
+      width n_shared_experts * d_shared (d_shared None: d_expert); shared_gate scales it by
+      sigmoid(x w) (Qwen2-MoE).
+    dense_layers: layers that keep the dense MLP of width d_ff (DeepSeek's first_k_dense_replace,
+      Qwen's mlp_only_layers); kept sorted.
     """
+
+    ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")  # class constants (no annotation: not fields)
+    GROUP_SCORES = ("max", "top2_sum")
 
     n_experts: int = 8
     top_k: int = 2
@@ -96,11 +110,21 @@ class MoEConfig:
 
 @dataclass
 class MLAConfig:
-    """Multi-head latent attention (DeepSeek-V2, model/mla.py): keys and values are expanded from
-    one compressed latent of kv_lora_rank dims per token, and RoPE goes on a separate
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434; model/mla.py): keys and values are
+    expanded from one compressed latent of kv_lora_rank dims per token, and RoPE goes on a separate
     qk_rope_head_dim-wide key shared by all heads, so the cache holds only the latent and that key.
-    q_lora_rank: compress queries through a latent of this rank too (None: a full q projection).
-    Each head's query/key is qk_nope_head_dim + qk_rope_head_dim wide, its value v_head_dim.
+
+    kv_lora_rank: d_c, the width of the joint KV latent c_kv (the cached part).
+    q_lora_rank: compress queries through a latent of this rank too (q_a_proj, q_a_layernorm,
+      q_b_proj); None: one full-rank q_proj.
+    qk_nope_head_dim, qk_rope_head_dim: each head's query/key is the concatenation of a part without
+      position (expanded from the latent) and a RoPE part (the key's is shared by all heads).
+    v_head_dim: each head's value width.
+    rope_interleave: the RoPE dims of q and k come out of their projections as interleaved pairs
+      (x0, x1), (x2, x3), ... (DeepSeek's checkpoint layout, HF `rope_interleave`); the layer gathers
+      them into lmlab's rotate-half layout before rotating. False: already rotate-half.
+    latent_norm_eps: epsilon of the RMSNorms on the latents (q_a_layernorm, kv_a_layernorm); DeepSeek
+      fixes it at 1e-6 whatever the model's norm_eps.
     """
 
     kv_lora_rank: int = 512
@@ -108,20 +132,51 @@ class MLAConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
+    rope_interleave: bool = False
+    latent_norm_eps: float = 1e-6
 
 
 @dataclass
 class LinearAttentionConfig:
-    """Linear attention layers (layer_types "linear", model/linear_attention.py)."""
+    """Linear attention layers (layer_types "linear", model/linear_attention.py; Katharopoulos et al.
+    2020): softmax(q.k) is replaced by phi(q).phi(k), so a causal layer is an RNN whose state is
+    S = sum phi(k) v^T (and z = sum phi(k)), of a fixed size per sequence.
 
-    feature_map: str = "elu"  # phi(x): "elu" (elu + 1, Katharopoulos et al. 2020), "relu", "identity"
-    normalize: bool = True  # divide by phi(q) . sum phi(k) (the softmax denominator's analogue)
+    feature_map: phi, applied to queries and keys: "elu" (elu(x) + 1, the paper's choice: positive, so
+      the normalizer is positive), "relu", or "identity" (only with normalize=False: phi(q).z could
+      be zero or negative).
+    normalize: divide by phi(q).z, the analogue of softmax's denominator; without it the output is
+      phi(q).S * head_dim^-0.5 (attn_scale when set), as in unnormalized linear attention / RetNet.
+    eps: added to the normalizer, so a row whose keys are all padding gives 0, not NaN.
+    chunk_size: tokens per chunk of the parallel (training / prefill) form: quadratic within a chunk,
+      the carried state across chunks. Changes speed and memory, never the result (beyond rounding).
+    """
+
+    feature_map: str = "elu"
+    normalize: bool = True
     eps: float = 1e-6
+    chunk_size: int = 64
 
 
 @dataclass
 class SSMConfig:
-    """State-space layers (layer_types "mamba", model/ssm.py)."""
+    """State-space layers (layer_types "mamba", model/ssm.py).
+
+    kind: "mamba" (the selective scan of Gu & Dao 2023: A per channel and state) or "mamba2" (SSD,
+      Dao & Gu 2024: a scalar A per head, heads of head_dim channels sharing B and C within n_groups).
+    d_state: N, the state size per channel. d_conv: the causal depthwise convolution's width.
+    expand: d_inner = expand * d_model, the width the SSM runs at.
+    dt_rank: mamba only: the rank of the dt projection (x_proj -> dt_proj); None: ceil(d_model / 16).
+    head_dim, n_groups: mamba2 only: d_inner / head_dim heads; B and C are shared by the heads of a group.
+    chunk_size: the chunk length of the parallel (training and prefill) form; None: 8 for mamba (its
+      per-chunk decay tensor is (L, L, d_inner, d_state): work and memory grow with L), 64 for mamba2.
+      It changes the order of floating-point sums only, never the result.
+    conv_bias / proj_bias: biases on conv1d / on in_proj and out_proj.
+    mlp: whether a mamba layer also has an MLP sublayer (pure Mamba: no; Jamba-style hybrids: yes).
+    dt_min, dt_max, dt_floor: initialization only: dt is drawn log-uniformly in [dt_min, dt_max],
+      clamped below at dt_floor, and the dt bias set to its inverse softplus (Mamba's init).
+    dt_rank and chunk_size left at None are resolved when the ModelConfig is validated, as head_dim is.
+    """
 
     kind: str = "mamba"  # "mamba" (selective scan, Gu & Dao 2023) | "mamba2" (SSD, Dao & Gu 2024)
     d_state: int = 16
@@ -130,10 +185,13 @@ class SSMConfig:
     dt_rank: int | None = None  # mamba: None means ceil(d_model / 16)
     head_dim: int = 64  # mamba2
     n_groups: int = 1  # mamba2
-    chunk_size: int = 64  # the chunk length of the parallel (training) form
+    chunk_size: int | None = None  # the chunk length of the parallel form; None: 8 (mamba), 64 (mamba2)
     conv_bias: bool = True
     proj_bias: bool = False
     mlp: bool = False  # whether a mamba layer also has an MLP sublayer (pure Mamba: no; Jamba: yes)
+    dt_min: float = 0.001  # init: dt ~ log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_floor: float = 1e-4  # init: dt clamped below at this
 
 
 @dataclass
@@ -257,7 +315,7 @@ class ModelConfig:
         )
         check(self.pre_norm or self.post_norm, "at least one of pre_norm / post_norm must be set")
         check(0 < self.rope_fraction <= 1, f"rope_fraction must be in (0, 1], got {self.rope_fraction}")
-        if self.position == "rope":
+        if self.position == "rope" and self.mla is None:  # MLA checks its own RoPE dims
             rot = self.rotary_dim
             check(
                 rot >= 2 and rot % 2 == 0,
@@ -303,19 +361,90 @@ class ModelConfig:
         m = self.moe
         check(m.n_experts >= 1 and 1 <= m.top_k <= m.n_experts,
               f"moe needs n_experts >= 1 and 1 <= top_k <= n_experts, got {m.n_experts} and {m.top_k}")
+        # Sizes left to default are resolved here, as d_ff and head_dim are, so that a saved config
+        # (and the Hugging Face round trip in hub.py) states every width explicitly.
+        if m.d_expert is None:
+            m.d_expert = self.d_ff
+        if m.d_shared is None:
+            m.d_shared = m.d_expert
+        m.dense_layers = sorted(set(m.dense_layers))
+        check(m.d_expert > 0 and m.d_shared > 0,
+              f"moe.d_expert and moe.d_shared must be positive, got {m.d_expert} and {m.d_shared}")
+        check(m.router in m.ROUTERS, f"moe.router={m.router!r}; choose one of {m.ROUTERS}")
+        check(m.group_score in m.GROUP_SCORES,
+              f"moe.group_score={m.group_score!r}; choose one of {m.GROUP_SCORES}")
+        check(m.n_groups >= 1 and m.n_experts % m.n_groups == 0,
+              f"moe.n_groups={m.n_groups} must be >= 1 and divide n_experts={m.n_experts}")
+        per_group = m.n_experts // m.n_groups
+        check(1 <= m.topk_groups <= m.n_groups,
+              f"moe.topk_groups={m.topk_groups} must be in [1, n_groups={m.n_groups}]")
+        check(m.top_k <= m.topk_groups * per_group,
+              f"moe.top_k={m.top_k} experts cannot be chosen from topk_groups={m.topk_groups} groups of "
+              f"{per_group}; raise topk_groups or lower top_k")
+        check(m.n_groups == 1 or m.group_score != "top2_sum" or per_group >= 2,
+              f"moe.group_score='top2_sum' needs at least 2 experts per group, got {per_group}")
+        check(m.routed_scaling_factor > 0, f"moe.routed_scaling_factor must be positive, got {m.routed_scaling_factor}")
+        check(m.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0, got {m.bias_update_rate}")
+        check(m.aux_loss_coef >= 0 and m.z_loss_coef >= 0,
+              f"moe.aux_loss_coef and moe.z_loss_coef must be >= 0, got {m.aux_loss_coef} and {m.z_loss_coef}")
+        check(m.capacity_factor is None or m.capacity_factor > 0,
+              f"moe.capacity_factor must be positive, or None for dropless routing; got {m.capacity_factor}")
+        check(m.n_shared_experts >= 0, f"moe.n_shared_experts must be >= 0, got {m.n_shared_experts}")
+        check(not m.shared_gate or m.n_shared_experts > 0,
+              "moe.shared_gate=True gates the shared experts, but n_shared_experts is 0; set n_shared_experts")
+        bad = [i for i in m.dense_layers if not 0 <= i < self.n_layers]
+        check(not bad, f"moe.dense_layers {bad} are outside the model's layers 0..{self.n_layers - 1}")
 
     def _validate_mla(self, check) -> None:
         m = self.mla
         check(m.kv_lora_rank > 0 and m.v_head_dim > 0 and m.qk_nope_head_dim >= 0,
-              "mla needs kv_lora_rank > 0, v_head_dim > 0 and qk_nope_head_dim >= 0")
+              f"mla needs kv_lora_rank > 0, v_head_dim > 0 and qk_nope_head_dim >= 0, got {m.kv_lora_rank}, "
+              f"{m.v_head_dim} and {m.qk_nope_head_dim}")
         check(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
               f"mla.qk_rope_head_dim must be even and positive, got {m.qk_rope_head_dim}")
+        check(m.q_lora_rank is None or m.q_lora_rank > 0,
+              f"mla.q_lora_rank must be positive, or None for a full-rank q_proj; got {m.q_lora_rank}")
+        check(m.latent_norm_eps > 0, f"mla.latent_norm_eps must be positive, got {m.latent_norm_eps}")
+        # Every head expands its own keys and values from the one latent: there are no KV head groups to set.
+        check(self.n_kv_heads == self.n_heads,
+              f"mla: n_kv_heads={self.n_kv_heads} has no meaning under multi-head latent attention (each head "
+              f"expands its own keys and values from the shared latent); leave it unset (= n_heads={self.n_heads})")
+        check(not self.qk_norm, "mla: qk_norm is not supported; MLA normalizes its latents instead "
+                                "(q_a_layernorm, kv_a_layernorm); set qk_norm=False")
+        check(self.rope_fraction == 1.0,
+              f"mla: rope_fraction={self.rope_fraction} does not apply (MLA rotates exactly its "
+              "mla.qk_rope_head_dim dims); leave it at 1.0 and size mla.qk_rope_head_dim instead")
 
     def _validate_linear_attention(self, check) -> None:
-        pass
+        la, maps = self.linear_attention, ("elu", "relu", "identity")
+        check(la.feature_map in maps, f"linear_attention.feature_map={la.feature_map!r}; choose one of {maps}")
+        check(la.feature_map != "identity" or not la.normalize,
+              "linear_attention.feature_map='identity' with normalize=True divides by phi(q).sum(phi(k)), which can "
+              "be zero or negative; set normalize=False or use feature_map='elu'")
+        check(la.eps > 0, f"linear_attention.eps must be positive, got {la.eps}")
+        check(la.chunk_size >= 1, f"linear_attention.chunk_size must be at least 1, got {la.chunk_size}")
 
     def _validate_ssm(self, check) -> None:
-        pass
+        s = self.ssm
+        check(s.kind in SSM_KINDS, f"ssm.kind={s.kind!r}; choose one of {SSM_KINDS}")
+        for name in ("d_state", "d_conv", "expand"):
+            check(getattr(s, name) > 0, f"ssm.{name} must be positive, got {getattr(s, name)}")
+        # Resolved here, once, so the saved config (and an HF export) states the sizes explicitly.
+        if s.dt_rank is None and s.kind == "mamba":
+            s.dt_rank = -(-self.d_model // 16)
+        if s.chunk_size is None:
+            s.chunk_size = 8 if s.kind == "mamba" else 64
+        check(s.chunk_size > 0, f"ssm.chunk_size must be positive, got {s.chunk_size}")
+        check(s.dt_rank is None or s.dt_rank > 0, f"ssm.dt_rank must be positive, got {s.dt_rank}")
+        check(0 < s.dt_min <= s.dt_max, f"ssm needs 0 < dt_min <= dt_max, got dt_min={s.dt_min}, dt_max={s.dt_max}")
+        check(s.dt_floor >= 0, f"ssm.dt_floor must be >= 0, got {s.dt_floor}")
+        if s.kind == "mamba2":
+            d_inner = s.expand * self.d_model
+            check(s.head_dim > 0 and d_inner % s.head_dim == 0,
+                  f"ssm.head_dim={s.head_dim} must divide d_inner = expand * d_model = {d_inner}; pick a divisor")
+            n_heads = d_inner // s.head_dim
+            check(s.n_groups > 0 and n_heads % s.n_groups == 0,
+                  f"ssm.n_groups={s.n_groups} must divide the {n_heads} SSM heads (d_inner / head_dim)")
 
     # --- derived quantities ----------------------------------------------------------------
     def layer_kind(self, layer: int) -> str:

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints in and out: `load_hf(dir) -> Transformer`, `save_hf(model, dir)`.
 
 Works from config.json and the weight files alone (transformers is not imported), for the
-families below. Each family is one table read in both directions:
+families below (the MoE, DeepSeek and Mamba families are defined in hub_moe.py, hub_deepseek.py and
+hub_ssm.py, on this module's machinery). Each family is one table read in both directions:
 
 - a module map, lmlab module path -> HF module path ("{i}" stands for the layer index); a tuple
   of lmlab modules means HF stores them fused, concatenated along the output dimension
@@ -23,6 +24,13 @@ and comparing: any field that does not survive the trip is named in the error.
     Gemma      gemma          (1 + weight) norms, embeddings * sqrt(d_model), GeGLU, tied
     Gemma 2    gemma2         + post-norms, attention and final soft-capping, per-layer windows
     Phi-3      phi3           fused qkv_proj and gate_up_proj, partial rotary, sliding window
+    Mixtral    mixtral        sparse MoE MLP (softmax top-k), one tensor per expert on disk
+    Qwen2-MoE  qwen2_moe      + a shared expert behind a sigmoid gate, dense layers by step / list
+    Qwen3-MoE  qwen3_moe      MoE with QK-norm
+    DeepSeek-V2 deepseek_v2  MLA (interleaved RoPE, YaRN mscale); DeepSeekMoE, softmax (group-limited) routing
+    DeepSeek-V3 deepseek_v3  MLA (rope_interleave); sigmoid routing + correction bias, top-2-sum groups
+    Mamba      mamba          pure SSM stack (no MLP, no positions), tied by default, backbone.* names
+    Mamba-2    mamba2         SSD heads, n_groups for B/C, grouped gated RMSNorm
 
 The semantics follow transformers 5.x (`modeling_rope_utils.py`, `masking_utils.py`); where
 they differ from lmlab's conventions the mapping resolves them into explicit lmlab fields.
@@ -163,6 +171,9 @@ class Family:
     conv1d: tuple[str, ...] = ()
     partial_rotary: bool = False  # its attention rotates only a leading fraction of head_dim
     divisible_heads: bool = False  # its config class demands hidden_size % num_heads == 0
+    # checkpoint tensors of this family that transformers itself does not load and lmlab may skip too
+    # (e.g. DeepSeek-V3's multi-token-prediction layers past num_hidden_layers): name, config -> bool
+    unused: Callable[[str, ModelConfig], bool] | None = None
 
     @property
     def base_prefix(self) -> str:
@@ -627,14 +638,51 @@ def _gpt2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+_ATTENTION_FIELDS = ("n_heads", "n_kv_heads", "head_dim", "qkv_bias", "attn_out_bias", "attn_scale",
+                     "attn_softcap", "qk_norm", "sliding_window/layer_types", "mla", "linear_attention")
+_MLP_FIELDS = ("d_ff", "mlp_gated", "mlp_bias")
+# MoE settings that act only in training (losses, the bias update, token dropping), not on what the model computes
+_MOE_TRAINING_FIELDS = ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor")
+
+
 def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     """The fields that decide what the model computes, with equivalent spellings unified
-    (defaults spelled out, windows per layer, RoPE fields only where RoPE is used)."""
+    (defaults spelled out, windows and layer kinds per layer, RoPE fields only where RoPE is used,
+    attention fields only where a layer attends, MLP fields only where a layer has an MLP)."""
     d = cfg.to_dict()
-    for name in ("meta", "init_std", "scaled_residual_init", "sliding_window", "layer_types"):
+    for name in ("meta", "init_std", "scaled_residual_init", "sliding_window", "layer_types", "layer_pattern"):
         d.pop(name)
+    kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
+    d["layer_kinds"] = ["attention" if k in ("full", "sliding") else k for k in kinds]
     d["sliding_window/layer_types"] = [cfg.window_of(i) for i in range(cfg.n_layers)]
-    d["attn_scale"] = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
+    if cfg.attn_scale is not None:
+        d["attn_scale"] = cfg.attn_scale
+    elif cfg.mla is not None:
+        d["attn_scale"] = (cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim) ** -0.5
+    else:
+        d["attn_scale"] = cfg.head_dim**-0.5
+    if cfg.mla is not None:  # MLA has its own head sizes and no key/value heads
+        d.pop("head_dim")
+        d.pop("n_kv_heads")
+    if cfg.moe is not None:  # flattened, so a difference names its field
+        moe = d.pop("moe")
+        for name in _MOE_TRAINING_FIELDS:
+            moe.pop(name)
+        # one MLP of n_shared_experts * d_shared hidden units, however it is split
+        moe["shared_width"] = moe.pop("n_shared_experts") * (moe.pop("d_shared") or 0)
+        d.update({f"moe.{k}": v for k, v in moe.items()})
+        if not any(cfg.has_mlp(i) and not cfg.is_moe(i) for i in range(cfg.n_layers)):
+            d.pop("d_ff")  # no dense MLP uses it
+    if cfg.ssm is not None:
+        d["ssm"].pop("chunk_size")  # how the scan is computed, not what
+    if all(k == "mamba" for k in kinds):
+        for name in _ATTENTION_FIELDS:
+            d.pop(name, None)
+    if not any(cfg.has_mlp(i) for i in range(cfg.n_layers)):
+        for name in _MLP_FIELDS:
+            d.pop(name, None)
+        for name in [k for k in d if k.startswith("moe.")]:
+            d.pop(name)
     if cfg.norm != "layernorm":
         d.pop("norm_bias")
     if cfg.position != "learned":
@@ -646,6 +694,7 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
         rs = cfg.rope_scaling
         used = {
             "linear": ("factor",),
+            "ntk": ("factor",),
             "dynamic": ("factor", "original_max_seq_len"),
             "llama3": ("factor", "original_max_seq_len", "low_freq_factor", "high_freq_factor"),
             "yarn": ("factor", "original_max_seq_len", "beta_fast", "beta_slow", "truncate"),
@@ -665,7 +714,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _inexpressible(cfg: ModelConfig, family: Family) -> list[str]:
-    """Why `cfg` cannot be written as `family`, one line per field; empty when it can."""
+    """Why `cfg` cannot be written as `family`, one line per field; empty when it can. When the
+    family cannot even map the config (its to_hf raises), the one line starts with "cannot map"."""
     problems = []
     if family.divisible_heads and cfg.d_model % cfg.n_heads:
         problems.append(
@@ -675,7 +725,7 @@ def _inexpressible(cfg: ModelConfig, family: Family) -> list[str]:
     try:
         back = hf_config_to_lmlab({"model_type": family.model_type, **family.to_hf(cfg)})
     except ValueError as e:
-        return [*problems, str(e)]
+        return [*problems, f"cannot map: {e}"]
     want, got = _canonical(cfg), _canonical(back)
     for name in want.keys() | got.keys():
         if not _same(want.get(name), got.get(name)):
@@ -702,7 +752,9 @@ def _choose_family(cfg: ModelConfig, model_type: str | None) -> Family:
     for name, problems in attempts.items():
         if not problems:
             return FAMILIES[name]
-    nearest = min(attempts, key=lambda name: len(attempts[name]))
+    # nearest: fewest differing fields among the families that could map the config at all
+    nearest = min(attempts, key=lambda name: (any(p.startswith("cannot map") for p in attempts[name]),
+                                              len(attempts[name])))
     raise ValueError(
         "this model's config cannot be expressed in any supported Hugging Face family "
         f"({list(SUPPORTED_MODEL_TYPES)}); the nearest, {nearest!r}, differs in: "
@@ -872,7 +924,8 @@ def _check_names(ckpt: _Checkpoint, links: list[Link], cfg: ModelConfig, family:
             f"{family.model_type} model needs: {missing[:8]}{' ...' if len(missing) > 8 else ''}."
             " The weights are incomplete or config.json describes a different model"
         )
-    extra = sorted(n for n in available - wanted.keys() if not _IGNORABLE.search(n))
+    extra = sorted(n for n in available - wanted.keys()
+                   if not _IGNORABLE.search(n) and not (family.unused is not None and family.unused(n, cfg)))
     if cfg.tie_embeddings and "lm_head.weight" in extra:
         # Some tied checkpoints still store the output matrix; harmless if it is the embedding.
         embed = f"{family.modules['embed']}.weight"
@@ -940,7 +993,9 @@ def save_hf(model: Transformer, out_dir: str | Path, *, model_type: str | None =
     links = _links(family, {n: t.shape for n, t in params.items()}, cfg.n_layers)
     out_dir, extra = Path(out_dir), [Path(f) for f in extra_files]
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:  # refuses a non-empty out_dir first
-        tensors = {name: t for link in links for name, t in _fuse(link, [params[n].detach().cpu() for n in link.lmlab]).items()}
+        tensors = {}
+        for link in links:
+            tensors.update(_fuse(link, [params[n].detach().cpu() for n in link.lmlab]))
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         for src in extra:

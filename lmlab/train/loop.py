@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from ..model.checkpoint import load_checkpoint
 from ..model.counting import flops_per_token
+from ..model.moe import update_expert_biases
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
@@ -344,6 +345,7 @@ def train(cfg: TrainConfig, model: nn.Module, objective: Objective, batches: Ite
             if scaler is not None:
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            update_expert_biases(plain)  # MoE bias balancing (DeepSeek-V3, model/moe.py); a no-op without it
             step, tokens = step + 1, tokens + tokens_per_step
             window_steps += 1
             bar.update(1)

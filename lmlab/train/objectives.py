@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..data.loader import Batch, document_causal_mask
+from ..model.moe import router_metric_tensors
 
 
 def next_token(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -21,7 +22,9 @@ def next_token(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, 
         L = -1/N sum_t log p(y_t | x_<=t),   y_t = x_{t+1}
 
     With document masking (batch.doc_ids set), each token attends only to earlier tokens of its
-    own document and positions restart at every document start."""
+    own document and positions restart at every document start. A mixture-of-experts model's loss includes
+    its auxiliary losses, and its router statistics (moe/load_max, moe/entropy, ...: model/moe.py) are the
+    metrics; other models have none."""
     mask = None if batch.doc_ids is None else document_causal_mask(batch.doc_ids)
     out = model(batch.x, targets=batch.y, positions=batch.positions, attention_mask=mask, return_logits=False)
-    return out.loss, {}
+    return out.loss, router_metric_tensors(model)

@@ -159,7 +159,7 @@ def _kinds(model: nn.Module, cfg: OptimConfig) -> dict[Tensor, tuple[str, str]]:
                 kind = "norm"
             elif p_name.endswith("bias"):
                 kind = "bias"
-            elif p.ndim < 2:
+            elif p.ndim < 2 or p_name in getattr(module, "no_weight_decay", ()):  # e.g. an SSM's A_log
                 kind = "vector"
             elif isinstance(module, nn.Linear) and p_name == "weight":
                 is_head = any(mod_name == x or mod_name.endswith("." + x) for x in cfg.muon_exclude)
