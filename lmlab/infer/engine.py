@@ -28,6 +28,11 @@ target, so no extra bookkeeping), and the target scores all k + 1 positions in t
 as everyone else's tokens; with prompt lookup ("ngram"), proposals are copied from earlier text.
 Rejected tokens leave garbage keys and values past the request's length, which the next step
 overwrites. Requests with a repetition penalty or a constraint decode one token at a time.
+
+Models with recurrent layers (linear attention, SSM; hybrids too): each running request also holds a
+state slot (paged.py), taken when it joins and given back when it finishes or is preempted. Prefix
+caching is off for them (a cached prefix holds attention keys and values, not the state after it) and
+speculative decoding is refused (a rejected draft cannot be taken back out of a state).
 """
 
 from __future__ import annotations
@@ -120,6 +125,7 @@ class Request:
         self.output: list[int] = []
         self.num_computed = 0  # tokens whose keys/values are in the cache
         self.table: list[int] = []  # KV blocks
+        self.slot: int | None = None  # recurrent-state slot while running (models with linear attention / SSM)
         self.registered = 0  # leading full blocks entered into the prefix cache
         self.draft_computed = 0  # the same, in the draft model's pool
         self.finish_reason: str | None = None
@@ -190,6 +196,9 @@ class Engine:
                                  f"({model.cfg.vocab_size}): they cannot share a tokenizer")
         self.model, self.draft, self.tokenizer = model.eval(), None if draft is None else draft.eval(), tokenizer
         cfg = model.cfg
+        if (cfg.recurrent or (draft is not None and draft.cfg.recurrent)) and config.speculative is not None:
+            raise ValueError("speculative decoding rolls rejected tokens back out of the cache, which a recurrent "
+                             "state (linear attention, SSM) cannot do; serve this model without speculation")
         self.max_model_len = cfg.max_seq_len
         self.vocab_size = cfg.vocab_size
         param = next(model.parameters())
@@ -201,12 +210,14 @@ class Engine:
             per_block = PagedKVCache.bytes_per_block(cfg, bs, dtype)
             if draft is not None:
                 per_block += PagedKVCache.bytes_per_block(draft.cfg, bs, dtype)
-            num_blocks = max(per_seq, min(config.max_num_seqs * per_seq, DEFAULT_KV_BYTES // per_block))
+            num_blocks = max(per_seq, min(config.max_num_seqs * per_seq, DEFAULT_KV_BYTES // max(per_block, 1)))
         if num_blocks < per_seq:
             raise ValueError(f"num_blocks={num_blocks} cannot hold one full context of max_model_len="
                              f"{self.max_model_len} tokens in blocks of {bs}; use num_blocks >= {per_seq}")
-        self.blocks = BlockPool(num_blocks, bs, config.prefix_caching)
-        self.kv = PagedKVCache(cfg, num_blocks, bs, self.device, dtype)
+        # A cached prefix gives back attention keys and values, not the recurrent state after that prefix.
+        self.blocks = BlockPool(num_blocks, bs, config.prefix_caching and not cfg.recurrent)
+        self.kv = PagedKVCache(cfg, num_blocks, bs, self.device, dtype, num_slots=config.max_num_seqs)
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1)) if cfg.recurrent else []
         self.draft_kv = None
         if self.draft is not None:
             dparam = next(self.draft.parameters())
@@ -359,6 +370,8 @@ class Engine:
                 break
             self.waiting.popleft()
             self.running.append(req)
+            if self.kv.recurrent:
+                req.slot = self._free_slots.pop()
             rows.append(_Row(req, req.tokens[req.num_computed : req.num_computed + n], [], sample=n == todo))
             budget -= n
         return rows
@@ -377,8 +390,14 @@ class Engine:
         """Recompute later: free the blocks, keep the tokens, requeue at the front."""
         self.blocks.release(req.table)
         req.table, req.num_computed, req.registered, req.draft_computed = [], 0, 0, 0
+        self._release_slot(req)
         self.waiting.appendleft(req)
         self._stats["preemptions"] += 1
+
+    def _release_slot(self, req: Request) -> None:
+        if req.slot is not None:
+            self._free_slots.append(req.slot)
+            req.slot = None
 
     def _register(self, req: Request) -> None:
         full = min(req.num_computed, len(req.tokens)) // self.config.block_size
@@ -412,7 +431,8 @@ class Engine:
             for g, i in enumerate(group):
                 ids[g, : len(rows[i].feed)] = torch.tensor(rows[i].feed)
             step = kv.step([rows[i].req.table for i in group], [context[i] for i in group],
-                           [len(rows[i].feed) for i in group])
+                           [len(rows[i].feed) for i in group],
+                           [rows[i].req.slot for i in group] if kv.recurrent else None)
             h = model.hidden_states(ids.to(self.device), step, positions=step.positions)
             picks = [(g, list(range(len(rows[i].feed))) if rows[i].drafts else [len(rows[i].feed) - 1])
                      for g, i in enumerate(group)]
@@ -540,6 +560,7 @@ class Engine:
             self.running.remove(req)
         self.blocks.release(req.table)
         req.table = []
+        self._release_slot(req)
         self.requests.pop(req.id, None)
         self._stats["finished_requests"] += 1
         if req.on_chunk is not None:

@@ -22,6 +22,13 @@ masks, all written in slot distances, hold unchanged; new keys and values are wr
 blocks as each layer computes them. Gathering copies each row's context once per layer and step,
 which costs the same order of memory traffic as reading it in attention: the right trade for a
 readable reference on CPU, where no paged-attention kernel exists.
+
+Recurrent layers (linear attention, SSM) keep no per-token cache but a fixed-size state per sequence.
+The pool holds one state row per *slot*; the engine gives each running request a slot, and a step
+gathers its rows' states and writes them back. A row that starts from scratch (no context yet: a new
+or a preempted request) reads a zero state, whatever its slot held before. Padding tokens (the right
+padding of a step's new tokens) leave a state unchanged, so the state after a step is the state at
+each row's last real token.
 """
 
 from __future__ import annotations
@@ -141,16 +148,26 @@ class PagedKVCache:
     """The per-layer key/value pools: (num_blocks * block_size, n_kv_heads, head_dim) each."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None,
-                 dtype: torch.dtype = torch.float32):
-        if cfg.recurrent:
-            raise ValueError("the serving engine pages per-token KV caches; this model has recurrent layers (linear "
-                             "attention or SSM) whose per-sequence state it does not hold yet. Generate with "
-                             "lmlab.infer.generate.generate (KVCache holds both KV and recurrent state)")
-        self.k, self.v = [], []
+                 dtype: torch.dtype = torch.float32, num_slots: int = 0):
+        self.k: list[torch.Tensor | None] = []
+        self.v: list[torch.Tensor | None] = []
         for layer in range(cfg.n_layers):
-            (k_heads, k_dim), (v_heads, v_dim) = cfg.cache_layout(layer)
+            layout = cfg.cache_layout(layer)
+            if layout is None:  # a recurrent layer: its state lives in `states`
+                self.k.append(None)
+                self.v.append(None)
+                continue
+            (k_heads, k_dim), (v_heads, v_dim) = layout
             self.k.append(torch.zeros(num_blocks * block_size, k_heads, k_dim, device=device, dtype=dtype))
             self.v.append(torch.zeros(num_blocks * block_size, v_heads, v_dim, device=device, dtype=dtype))
+        if cfg.recurrent and num_slots < 1:
+            raise ValueError("this model has recurrent layers (linear attention or SSM): give num_slots >= 1, one "
+                             "state row per sequence that can run at once")
+        self.recurrent = cfg.recurrent
+        self.num_slots = num_slots
+        # per recurrent layer, its state tensors with one row per slot; allocated at the layer's first write,
+        # when their shapes are known
+        self.states: list[dict[str, torch.Tensor] | None] = [None] * cfg.n_layers
         self.block_size = block_size
         self.device = device
 
@@ -158,12 +175,15 @@ class PagedKVCache:
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         per_token = sum(h * d for layer in range(cfg.n_layers) for h, d in (cfg.cache_layout(layer) or ()))
-        return block_size * per_token * itemsize
+        return block_size * per_token * itemsize  # 0 for a model without attention layers
 
-    def step(self, tables: Sequence[Sequence[int]], context: Sequence[int], new: Sequence[int]) -> PagedStep:
+    def step(self, tables: Sequence[Sequence[int]], context: Sequence[int], new: Sequence[int],
+             slots: Sequence[int] | None = None) -> PagedStep:
         """A KVCache-like view for one forward pass over rows that each have context[i] tokens already in
-        the pool (blocks tables[i]) and feed new[i] tokens now."""
-        return PagedStep(self, tables, context, new)
+        the pool (blocks tables[i]) and feed new[i] tokens now; slots[i] is row i's recurrent-state slot."""
+        if self.recurrent and (slots is None or any(s is None for s in slots)):
+            raise ValueError("a model with recurrent layers needs a state slot for every row of a step")
+        return PagedStep(self, tables, context, new, slots)
 
 
 class PagedStep:
@@ -171,10 +191,13 @@ class PagedStep:
     docstring for the slot layout). Slot s < length of row i holds context token s - (length - context[i]);
     slot length + j holds the row's j-th new token."""
 
-    def __init__(self, pool: PagedKVCache, tables, context, new):
+    def __init__(self, pool: PagedKVCache, tables, context, new, slots=None):
         bs, device = pool.block_size, pool.device
         B, L, T = len(context), max(context), max(new)
         self.pool, self.length, self.max_len = pool, L, L + T
+        if slots is not None:
+            self.slots = torch.tensor(list(slots), dtype=torch.long, device=device)
+            self.fresh = torch.tensor([c == 0 for c in context], device=device)  # rows that start from zero state
         ctx = torch.tensor(list(context), dtype=torch.long)
         n_new = torch.tensor(list(new), dtype=torch.long)
         # flat slot index of every context token (left-padded: padding reads slot 0, and is masked)
@@ -225,6 +248,25 @@ class PagedStep:
         keys = pool_k.index_select(0, flat).view(B, S, *pool_k.shape[1:]).transpose(1, 2)
         values = pool_v.index_select(0, flat).view(B, S, *pool_v.shape[1:]).transpose(1, 2)
         return keys.to(k.dtype), values.to(v.dtype)
+
+    def get_state(self, layer: int) -> dict[str, torch.Tensor] | None:
+        """The recurrent state of this step's rows (gathered from their slots), zero for rows that start fresh;
+        None when the layer has never written a state."""
+        pooled = self.pool.states[layer]
+        if pooled is None:
+            return None
+        keep = ~self.fresh
+        return {name: t.index_select(0, self.slots) * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
+                for name, t in pooled.items()}
+
+    def set_state(self, layer: int, state: dict[str, torch.Tensor]) -> None:
+        """Write this step's rows' new states into their slots."""
+        pooled = self.pool.states[layer]
+        if pooled is None:
+            pooled = self.pool.states[layer] = {
+                name: t.new_zeros(self.pool.num_slots, *t.shape[1:]) for name, t in state.items()}
+        for name, t in state.items():
+            pooled[name].index_copy_(0, self.slots, t.to(pooled[name].dtype))
 
     def advance(self, n: int) -> None:
         pass  # the engine keeps each sequence's length
