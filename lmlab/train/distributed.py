@@ -178,6 +178,11 @@ def apply_tensor_parallel(model: nn.Module, env: DistEnv, precision: str = "fp32
         raise ValueError(f"tensor parallel over {n} processes needs n_heads ({cfg.n_heads}), n_kv_heads "
                          f"({cfg.n_kv_heads}) and d_ff ({cfg.d_ff}) divisible by {n}; change the model or "
                          "the number of processes, or use distributed.strategy='fsdp'")
+    special = [name for name, on in (("moe", cfg.moe is not None), ("mla", cfg.mla is not None),
+                                     ("linear or mamba layers", cfg.recurrent)) if on]
+    if special:
+        raise ValueError(f"tensor parallelism shards standard attention and dense MLPs; this model has {special}. "
+                         "Use distributed.strategy='fsdp' or 'ddp'")
     if cfg.position == "alibi":
         raise ValueError("position='alibi' is not supported with tensor parallelism (the bias is built for all "
                          "heads, not this process's); use distributed.strategy='fsdp' or 'ddp'")

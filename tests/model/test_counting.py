@@ -11,12 +11,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lmlab.model import ModelConfig, build_model
 from lmlab.model.counting import (
+    cache_bytes,
+    cache_comparison,
     count_params,
     embedding_params,
     flops_per_token,
     forward_flops_per_token,
     kv_cache_bytes_per_token,
     matmul_params,
+    state_bytes_per_sequence,
     summary,
 )
 
@@ -286,3 +289,69 @@ def test_summary():
     assert s["kv_cache_bytes_per_sequence_bf16"] == 36_864 * 1024
     assert s["weight_bytes_bf16"] == 2 * 124_439_808
     assert all(isinstance(v, int) for v in s.values())
+
+
+# --- every layer kind ---------------------------------------------------------------------------------------
+
+BASE = dict(vocab_size=50, d_model=32, n_layers=3, n_heads=4, max_seq_len=32)
+KINDS = {
+    "moe": dict(moe=dict(n_experts=4, top_k=2, d_expert=24, n_shared_experts=1, d_shared=16, shared_gate=True,
+                         bias_balancing=True, dense_layers=[0])),
+    "moe-ungated": dict(mlp_gated=False, mlp_bias=True, moe=dict(n_experts=3, top_k=1)),
+    "mla": dict(mla=dict(kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),
+                qkv_bias=True),
+    "mla-full-q": dict(mla=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)),
+    "linear": dict(layer_types=["linear", "full", "linear"], n_kv_heads=2, qkv_bias=True),
+    "mamba": dict(layer_types=["mamba"] * 3, position="none"),
+    "mamba2": dict(layer_types=["mamba"] * 3, position="none",
+                   ssm=dict(kind="mamba2", head_dim=16, n_groups=2, d_state=8, proj_bias=True)),
+    "hybrid": dict(layer_pattern=["mamba", "full"], ssm=dict(mlp=True, d_state=4), sliding_window=8,
+                   moe=dict(n_experts=2, top_k=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_counts_of_every_layer_kind_match_the_built_model(name):
+    cfg = ModelConfig(**BASE, **KINDS[name])
+    model = build_model(cfg)
+    assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+    # the cache: per-token bytes equal the buffers' growth per slot; state bytes equal what a forward stores
+    cache = model.new_cache(2, 16)
+    per_slot = sum(t[0, :, 0].numel() * t.element_size() for t in (*cache.k, *cache.v) if t is not None)
+    assert kv_cache_bytes_per_token(cfg, torch.float32) == per_slot
+    with torch.no_grad():
+        model(torch.randint(0, 50, (2, 5)), cache=cache)
+    state = sum(t[0].numel() * t.element_size() for s in cache.states if s is not None for t in s.values())
+    assert state_bytes_per_sequence(cfg, torch.float32) == state
+
+
+def test_moe_active_parameters_by_hand():
+    cfg = ModelConfig(**BASE, moe=dict(n_experts=8, top_k=2, d_expert=16))
+    # per MoE layer: router 32 * 8; experts 3 matrices of 32 * 16 each: all 8 stored, 2 active
+    stored, active = 32 * 8 + 8 * 3 * 32 * 16, 32 * 8 + 2 * 3 * 32 * 16
+    assert count_params(cfg) - count_params(cfg, active=True) == 3 * (stored - active)
+    assert matmul_params(cfg) == count_params(cfg, embeddings=False, active=True)
+
+
+def test_recurrent_layers_have_constant_context_cost():
+    linear = ModelConfig(**BASE, layer_types=["linear"] * 3)
+    assert flops_per_token(linear, 16) == flops_per_token(linear, 4096)
+    full = ModelConfig(**BASE)
+    assert flops_per_token(full, 16) < flops_per_token(full, 4096)
+    assert cache_bytes(linear, 4096) == cache_bytes(linear, 16) == state_bytes_per_sequence(linear, torch.bfloat16)
+    windowed = ModelConfig(**BASE, sliding_window=8)
+    assert cache_bytes(windowed, 4096, bounded=True) == cache_bytes(windowed, 8)
+
+
+def test_cache_comparison_rows():
+    cfg = ModelConfig(**BASE, n_kv_heads=2)
+    rows = {r["kind"].split(" (")[0]: r for r in cache_comparison(cfg, seq_len=64, dtype=torch.bfloat16)}
+    assert set(rows) == {"MHA", "GQA", "MQA", "MLA", "sliding window", "linear attention", "Mamba"}
+    # 3 layers x 2 (k, v) x heads x 8 dims x 2 bytes
+    assert rows["MHA"]["bytes_per_token"] == 3 * 2 * 4 * 8 * 2
+    assert rows["GQA"]["bytes_per_token"] == 3 * 2 * 2 * 8 * 2
+    assert rows["MQA"]["bytes_per_token"] == 3 * 2 * 1 * 8 * 2
+    assert rows["MLA"]["bytes_per_token"] == 3 * (4 * 8 + 4) * 2  # latent 4 x head_dim + RoPE key head_dim / 2
+    assert rows["sliding window"]["bytes_at_seq_len"] == 16 * rows["GQA"]["bytes_per_token"]  # window 64 / 4
+    assert rows["linear attention"]["bytes_per_token"] == rows["Mamba"]["bytes_per_token"] == 0
+    assert rows["linear attention"]["state_bytes"] == 3 * 2 * (8 * 8 + 8) * 4  # per kv head, float32
