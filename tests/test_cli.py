@@ -74,6 +74,11 @@ def test_convert_info_generate_export(hf_dir, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     model = load_checkpoint(ours)
     assert info["summary"]["params"] == sum(p.numel() for p in model.parameters())
+    kinds = [row["kind"].split(" (")[0] for row in info["cache_comparison"]]
+    assert kinds == ["MHA", "GQA", "MQA", "MLA", "sliding window", "linear attention", "Mamba"]
+    assert run("info", ours) == 0  # the table form names every kind too
+    table = capsys.readouterr().out
+    assert all(kind in table for kind in kinds) and "bytes/token" in table
 
     # greedy generation through the CLI equals transformers' greedy generation
     assert run("generate", "--model", ours, "--prompt", "the cat", "--temperature", "0",

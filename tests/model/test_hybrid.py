@@ -123,3 +123,22 @@ def test_tiny_hybrid_trains_and_its_checkpoint_round_trips(kind, tiny_recipe, tm
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_engine_serves_linear_attention_hybrids():
+    """The engine's state slots hold linear attention's (S, z) the same way: rows feeding different numbers of
+    tokens per step (right padding), prompts spread over steps, and a preempted request that restarts from a
+    zero state must all give the tokens of plain generation."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=24,
+                      layer_pattern=["linear", "full", "linear"], init_std=0.1)
+    model = build_model(cfg).eval()
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS]  # more requests than slots: slots are reused
+    want = [c.token_ids for c in generate(model, prompts, params)]
+    roomy = Engine(model, config=EngineConfig(block_size=4, max_num_seqs=2, max_batch_tokens=5))
+    assert [c.token_ids for c in roomy.generate(prompts, params)] == want
+    tight = Engine(model, config=EngineConfig(block_size=4, max_num_seqs=3, max_batch_tokens=16, num_blocks=8))
+    assert [c.token_ids for c in tight.generate(prompts, params)] == want
+    assert tight.stats().preemptions > 0
+    assert not tight.blocks.prefix_caching  # a cached prefix would hold no state
