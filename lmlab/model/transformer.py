@@ -73,9 +73,9 @@ class Block(nn.Module):
         self.attn_norm = Norm.from_config(cfg) if cfg.pre_norm else None
         self.attn = token_mixer(cfg, layer)
         self.attn_post_norm = Norm.from_config(cfg) if cfg.post_norm else None
-        self.mlp = channel_mixer(cfg, layer)
-        has_mlp = self.mlp is not None
+        has_mlp = cfg.has_mlp(layer)
         self.mlp_norm = Norm.from_config(cfg) if cfg.pre_norm and has_mlp else None
+        self.mlp = channel_mixer(cfg, layer)
         self.mlp_post_norm = Norm.from_config(cfg) if cfg.post_norm and has_mlp else None
 
     def forward(self, x, rope, masks, cache=None, alibi=None):
