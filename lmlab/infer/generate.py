@@ -174,7 +174,7 @@ class _Run:
 
     def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  decode: Decode | None, logprobs: bool, output_logits: bool, incremental: bool,
-                 seeds: Sequence[int] | None = None):
+                 seeds: Sequence[int] | None = None, streaming: Sequence[int] | None = None):
         params.validate()
         if seeds is not None:
             seeds = list(seeds)
@@ -204,6 +204,12 @@ class _Run:
         longest, M = max((len(p) for p in self.prompts), default=0), params.max_new_tokens
         # The last sampled token is never fed back, so the model sees positions < longest + M - 1.
         self.cache_len = longest + M - 1
+        # --- streaming (attention sinks) --------------------------------------------------------
+        self.streaming = _streaming_option(streaming)
+        if self.streaming is not None:  # positions stay below the bounded cache's size
+            n_sink, window, chunk = self.streaming
+            self.cache_len = min(self.cache_len, n_sink + window - 1 + chunk)
+        # --- end streaming -----------------------------------------------------------------------
         if cfg.position == "learned" and self.cache_len > cfg.max_seq_len:
             raise ValueError(
                 f"a prompt of {longest} tokens + max_new_tokens={M} needs positions up to "
@@ -253,8 +259,11 @@ class _Run:
             # one draw of noise shared by all rows: a row's tokens do not depend on its batch
             generator = torch.Generator(device=device).manual_seed(params.seed)
 
-        cache = model.new_cache(B, self.cache_len)
-        h = model.hidden_states(ids, cache, attention_mask=mask)
+        if self.streaming is None:
+            cache = model.new_cache(B, self.cache_len)
+            h = model.hidden_states(ids, cache, attention_mask=mask)
+        else:
+            cache, h = _streaming_prefill(model, ids, mask, *self.streaming)
         logits = model.logits(h[:, -1])  # only the last position: no (B, L, V) prefill logits
 
         out = None if self.host else torch.empty(B, M, dtype=torch.long, device=device)
@@ -344,7 +353,7 @@ class _Run:
 def generate(model: Transformer, prompts: Sequence[Sequence[int]],
              params: SamplingParams | None = None, decode: Decode | None = None, *,
              logprobs: bool = False, output_logits: bool = False,
-             seeds: Sequence[int] | None = None) -> list[Completion]:
+             seeds: Sequence[int] | None = None, streaming: Sequence[int] | None = None) -> list[Completion]:
     """Complete each prompt (a list of token ids), all in one left-padded batch.
 
     decode: token ids -> text; needed for `Completion.text` and for stop strings.
@@ -352,6 +361,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     output_logits: also report the raw logits (len(token_ids), vocab) of every generated token.
     seeds: one seed per prompt, overriding params.seed (e.g. range(n) for n independent,
       reproducible samples of one prompt).
+    streaming: (n_sink, window) or (n_sink, window, chunk): generate with attention sinks
+      (`lmlab.model.cache.SinkCache`, StreamingLLM) instead of a full KV cache: memory stays
+      constant and positions stay below n_sink + window - 1 + chunk, so a model can go on past its
+      max_seq_len. The prompt is fed `chunk` tokens at a time (default window // 4, at least 1;
+      1 makes every prompt token see exactly the sinks and its window, as decoding does).
 
     Seeding is per prompt, as a per-request seed is in vLLM: every row is sampled as if it were
     alone with that seed, so a row's tokens do not depend on the batch it is in:
@@ -362,23 +376,24 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]],
     Stop semantics: see `Completion`.
     """
     params = params if params is not None else SamplingParams()
-    run = _Run(model, prompts, params, decode, logprobs, output_logits, False, seeds)
+    run = _Run(model, prompts, params, decode, logprobs, output_logits, False, seeds, streaming)
     for _ in run:
         pass
     return run.completions()
 
 
 def stream(model: Transformer, prompt: Sequence[int], params: SamplingParams | None = None,
-           decode: Decode | None = None, *, logprobs: bool = False) -> Iterator[StreamChunk]:
+           decode: Decode | None = None, *, logprobs: bool = False,
+           streaming: Sequence[int] | None = None) -> Iterator[StreamChunk]:
     """Generate for one prompt, yielding a `StreamChunk` per token as soon as it is sampled.
 
     Text is released only when it is final: never a trailing incomplete UTF-8 character, never
     text that could still turn out to start a stop string. Tokens, text, finish and stop reasons
     are exactly those of `generate(model, [prompt], params, decode)` for the same seed.
-    Arguments are checked here, before the first chunk is asked for.
+    Arguments are checked here, before the first chunk is asked for. streaming: as in `generate`.
     """
     params = params if params is not None else SamplingParams()
-    run = _Run(model, [prompt], params, decode, logprobs, False, incremental=True)
+    run = _Run(model, [prompt], params, decode, logprobs, False, incremental=True, streaming=streaming)
     return _stream_chunks(run)
 
 
@@ -404,3 +419,39 @@ def _stream_chunks(run: _Run) -> Iterator[StreamChunk]:
             token_id=row.tokens[-1] if new_token else None, text=text, logprob=logprob,
             finish_reason=row.finish_reason, stop_reason=row.stop_reason,
         )
+
+
+# --- streaming (attention sinks) -------------------------------------------------------------------
+
+def _streaming_option(streaming: Sequence[int] | None) -> tuple[int, int, int] | None:
+    """(n_sink, window[, chunk]) -> (n_sink, window, chunk), checked; None stays None."""
+    if streaming is None:
+        return None
+    values = tuple(streaming)
+    if len(values) not in (2, 3) or not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+        raise ValueError(f"streaming={streaming!r}: give (n_sink, window) or (n_sink, window, chunk) as integers, "
+                         "e.g. (4, 1020)")
+    n_sink, window = values[:2]
+    chunk = values[2] if len(values) == 3 else max(1, window // 4)
+    if n_sink < 0 or window < 1 or chunk < 1:
+        raise ValueError(f"streaming={streaming!r}: n_sink must be >= 0, window and chunk >= 1")
+    return n_sink, window, chunk
+
+
+def _streaming_prefill(model: Transformer, ids: torch.Tensor, mask: torch.Tensor | None, n_sink: int, window: int,
+                       chunk: int):
+    """Feed the (left-padded) prompts through a SinkCache, `chunk` tokens per call; returns the cache
+    and the last call's hidden states. Chunks are counted back from the end, where left padding
+    aligns every row's last token, so a row meets the same chunks in a batch as alone."""
+    from itertools import pairwise
+
+    from ..model.cache import SinkCache
+
+    p = next(model.parameters())
+    cache = SinkCache(model.cfg, ids.shape[0], n_sink, window, p.device, p.dtype, chunk=chunk)
+    L = ids.shape[1]
+    bounds = [0, *range(L % chunk or chunk, L + 1, chunk)]  # the first chunk takes the remainder
+    for start, end in pairwise(bounds):
+        h = model.hidden_states(ids[:, start:end], cache,
+                                attention_mask=None if mask is None else mask[:, start:end])
+    return cache, h

@@ -1,7 +1,7 @@
 """lmlab.model: the configurable transformer, its KV cache, checkpoints (lmlab's own and Hugging
 Face's), and counts of parameters, FLOPs and cache bytes. Imports nothing else from lmlab."""
 
-from .cache import KVCache
+from .cache import KVCache, SinkCache
 from .checkpoint import (
     CheckpointConfigError,
     CheckpointCorruptError,
@@ -33,7 +33,7 @@ from .loading import load, read_any_config
 from .transformer import IGNORE_INDEX, ModelOutput, Transformer, build_model
 
 __all__ = [
-    "IGNORE_INDEX", "KVCache", "ModelConfig", "ModelOutput", "RopeScaling", "Transformer", "build_model",
+    "IGNORE_INDEX", "KVCache", "SinkCache", "ModelConfig", "ModelOutput", "RopeScaling", "Transformer", "build_model",
     "LinearAttentionConfig", "MLAConfig", "MoEConfig", "SSMConfig",
     "CheckpointConfigError", "CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError",
     "CheckpointNotFoundError", "atomic_directory", "is_checkpoint", "load_checkpoint", "read_config",

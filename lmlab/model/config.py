@@ -328,7 +328,7 @@ class ModelConfig:
             check(rs.factor >= 1.0 or rs.kind == "linear", f"rope_scaling.factor must be >= 1, got {rs.factor}")
             check(rs.factor > 0, f"rope_scaling.factor must be positive, got {rs.factor}")
             check(
-                rs.kind == "linear" or rs.original_max_seq_len,
+                rs.kind in ("linear", "ntk") or rs.original_max_seq_len,
                 f"rope_scaling.kind={rs.kind!r} needs original_max_seq_len",
             )
             check(self.position == "rope", "rope_scaling is set but position is not 'rope'")

@@ -514,6 +514,9 @@ def _rope_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
         top["partial_rotary_factor"] = cfg.rope_fraction
     rs = cfg.rope_scaling
     if rs is not None:
+        if rs.kind == "ntk":
+            raise ValueError("rope_scaling.kind='ntk' (static NTK-aware) has no transformers rope_type; "
+                             "use 'dynamic' or 'yarn' to export")
         params.update(rope_type=rs.kind, factor=rs.factor)
         if rs.kind == "dynamic":
             top["max_position_embeddings"] = rs.original_max_seq_len  # HF's growth reference

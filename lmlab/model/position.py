@@ -3,8 +3,12 @@
 - RoPE (Su et al. 2021, "RoFormer"): rotate pairs of query/key dims by angle position * freq_i,
   freq_i = theta^(-2i/d). lmlab uses the "rotate half" pairing (dim i with dim i + d/2), the
   layout of the Hugging Face checkpoints, so their weights load without permutation.
-  Scalings: linear / position interpolation (Chen et al. 2023), dynamic NTK (bloc97 2023),
-  YaRN (Peng et al. 2023), Llama 3.1's wavelength-banded interpolation.
+  Scalings: linear / position interpolation (Chen et al. 2023), static NTK-aware and dynamic NTK
+  (bloc97 2023), YaRN (Peng et al. 2023), Llama 3.1's wavelength-banded interpolation.
+  Linear interpolation squeezes every frequency by the factor s, which crowds the high frequencies
+  that resolve nearby tokens; NTK-aware scaling instead raises the base, b' = b * s^(d/(d-2)): the
+  highest frequency (i = 0) is untouched and the lowest (i = d/2 - 1) is divided by exactly s, so
+  long wavelengths are interpolated and short ones extrapolated, without fine-tuning.
 - ALiBi (Press et al. 2022): no embedding, a per-head linear penalty on attention distance.
 - Sinusoidal (Vaswani et al. 2017): fixed sin/cos table added to the token embeddings.
 
@@ -24,6 +28,10 @@ from .config import ModelConfig
 def rope_frequencies(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (rotary_dim / 2,) in float32 and the cos/sin scale (YaRN's temperature).
 
+    RoPE: theta_i = b^(-2i/d), i = 0 .. d/2 - 1 (d = rotary_dim, b = rope_theta).
+    linear: theta_i / s.  ntk: theta_i = b'^(-2i/d) with b' = b * s^(d/(d-2)), so theta_0 is kept
+    and theta_{d/2-1} = b^(-(d-2)/d) / s.  dynamic: the ntk base with s replaced by
+    s * L / L_orig - (s - 1) once the length L passes L_orig.
     `seq_len` (max position + 1 in the current call) only matters for dynamic NTK.
     """
     dim, base = cfg.rotary_dim, cfg.rope_theta
@@ -33,6 +41,11 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch
         return 1.0 / base**exponents, 1.0
     if rs.kind == "linear":
         return 1.0 / base**exponents / rs.factor, 1.0
+    if rs.kind == "ntk":
+        if dim < 4:
+            raise ValueError(f"rope_scaling.kind='ntk' needs at least 4 rotary dims to stretch, got rotary_dim={dim} "
+                             "(its one frequency is 1 whatever the base); use kind='linear'")
+        return 1.0 / (base * rs.factor ** (dim / (dim - 2)))**exponents, 1.0
     if rs.kind == "dynamic":
         # NTK-aware: grow the base so the lowest frequency spans the current length.
         seq_len = max(seq_len, rs.original_max_seq_len)
