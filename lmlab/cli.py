@@ -156,16 +156,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from lmlab.model import read_any_config
-    from lmlab.model.counting import summary
+    from lmlab.model.counting import cache_comparison, summary
 
     cfg = read_any_config(args.model)
     info = summary(cfg, seq_len=args.seq_len)
+    compare = cache_comparison(cfg, seq_len=args.seq_len)
     if args.json:
-        print(json.dumps({"summary": info, "config": cfg.to_dict()}, indent=2))
+        print(json.dumps({"summary": info, "cache_comparison": compare, "config": cfg.to_dict()}, indent=2))
         return 0
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}")
+    seq_len = info["seq_len"]
+    print(f"\ncache of one sequence if every layer of this shape were ({seq_len} tokens, bf16 model, "
+          "recurrent states fp32):")
+    kind_w = max(len(row["kind"]) for row in compare)
+    print(f"  {'kind':<{kind_w}}  {'bytes/token':>12}  {'state bytes':>12}  {f'bytes at {seq_len}':>16}")
+    for row in compare:
+        print(f"  {row['kind']:<{kind_w}}  {row['bytes_per_token']:>12,}  {row['state_bytes']:>12,}  "
+              f"{row['bytes_at_seq_len']:>16,}")
     print("\nconfig:")
     for key, value in cfg.to_dict().items():
         print(f"  {key:<{width}}  {value}")
@@ -2262,6 +2271,102 @@ def add_align_commands(sub) -> None:
     add_align_online_command(asub)
 
 
+# --- passkey -------------------------------------------------------------------------------
+
+def cmd_passkey(args: argparse.Namespace) -> int:
+    from lmlab.evals.passkey import parse_rope_scaling, passkey_sweep
+    from lmlab.model import load
+
+    lengths = _int_list(args.lengths, "--lengths")
+    try:
+        depths = [float(x) for x in args.depths.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--depths takes comma-separated fractions in [0, 1], e.g. 0,0.5,1; got {args.depths!r}") \
+            from None
+    bad = [d for d in depths if not 0.0 <= d <= 1.0]
+    if not depths or bad:
+        raise UsageError(f"--depths takes fractions in [0, 1] (0: needle first, 1: last); got {args.depths!r}")
+    if args.keys < 1:
+        raise UsageError(f"--keys must be at least 1, got {args.keys}")
+    for flag, value in (("--sliding-window", args.sliding_window), ("--prefill-chunk", args.prefill_chunk)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.sinks is not None and args.sinks < 0:
+        raise UsageError(f"--sinks must be >= 0, got {args.sinks}")
+    if args.sinks is not None and args.sliding_window is None:
+        raise UsageError("--sinks N needs --sliding-window W: the cache keeps the N first tokens and the W most recent")
+    if args.prefill_chunk is not None and args.sinks is None:
+        raise UsageError("--prefill-chunk applies to the attention-sink cache; add --sinks N --sliding-window W")
+    rope_scaling = None
+    if args.rope_scaling:
+        parse_rope_scaling(args.rope_scaling)  # a malformed spec fails here, before the model is read
+        rope_scaling = args.rope_scaling
+    streaming, sliding_window = None, args.sliding_window
+    if args.sinks is not None:  # the window goes to the cache: a sliding-window mask would hide the sinks
+        window = args.sliding_window
+        streaming, sliding_window = (args.sinks, window, args.prefill_chunk or max(1, window // 4)), None
+
+    device = _device(args.device)
+    model = load(args.model, device=device, dtype=_dtype(args.dtype, device)).eval()
+    tokenizer = _tokenizer_from(args.model)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise UsageError(f"the tokenizer in {args.model} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                         f"has {model.cfg.vocab_size}: they do not belong together")
+    results = passkey_sweep(model, tokenizer, lengths, depths, args.keys, seed=args.seed, rope_scaling=rope_scaling,
+                            sliding_window=sliding_window, streaming=streaming, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    print(f"passkey accuracy (%) of {args.model}: {args.keys} keys per cell, prompt length in tokens "
+          f"(max_seq_len {model.cfg.max_seq_len})")
+    print(results.table())
+    if args.out:
+        from lmlab.atomic import atomic_file
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(args.out, "w") as f:
+            json.dump({"model": str(args.model), **results.to_dict()}, f, indent=1)
+        print(f"results (settings, accuracy, every prompt's completion): {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_passkey_command(sub) -> None:
+    p = sub.add_parser(
+        "passkey", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="passkey retrieval at increasing context lengths (long-context extension)",
+        description="Passkey retrieval (Mohtashami & Jaggi 2023): a number hidden at a given depth in repeated filler "
+                    "text, asked for at the end; the score is exact match of the digits the model writes (greedy). "
+                    "Evaluates every --lengths x --depths cell with --keys seeded keys and prints the accuracy table. "
+                    "Lengths past the model's max_seq_len are evaluated (extrapolation is the point), except with "
+                    "learned position embeddings. --rope-scaling, --sliding-window and --sinks change the model's "
+                    "context handling for this run only (context extension without retraining).",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory (lmlab or Hugging Face) with its tokenizer")
+    p.add_argument("--lengths", default="256,512,1024,2048", help="prompt lengths in tokens, comma-separated")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                   help="where the needle goes, as fractions of the filler (0: first, 1: right before the question)")
+    p.add_argument("--keys", type=int, default=5, help="prompts (random keys) per length and depth")
+    p.add_argument("--seed", type=int, default=0, help="seeds the keys (the same keys at every length)")
+    p.add_argument("--rope-scaling", default=None, metavar="KIND:FACTOR",
+                   help="RoPE scaling for this run: linear, ntk, dynamic, yarn or llama3, with a factor or 'auto' "
+                        "(per length: (length + 7) / max_seq_len, the positions up to the end of a 5-digit answer), "
+                        "e.g. ntk:4 or yarn:auto; the original length is the model's max_seq_len")
+    p.add_argument("--sliding-window", type=int, default=None, metavar="N",
+                   help="attend only to the last N tokens (every full-attention layer slides); with --sinks, the "
+                        "number of recent tokens the attention-sink cache keeps")
+    p.add_argument("--sinks", type=int, default=None, metavar="N",
+                   help="StreamingLLM: generate with a bounded cache of the first N tokens (attention sinks) and the "
+                        "--sliding-window most recent, positions counted within the cache")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="C",
+                   help="with --sinks: prompt tokens per forward call (default: window // 4); the cache holds "
+                        "N + window - 1 + C slots")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated per prompt (the key's digits)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPU, float32 on CPU")
+    p.add_argument("--out", default=None, help="write the results JSON (settings, accuracy table, every completion)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_passkey)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmlab",
@@ -2322,8 +2427,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser(
         "info", formatter_class=fmt, help="parameters, FLOPs and KV-cache size of a checkpoint",
         description="Print, from the config alone (no weights are read): parameter count with and "
-                    "without embeddings, training FLOPs per token (6N + attention term at --seq-len), "
-                    "KV-cache bytes per token, and the full model config. DIR may be an lmlab or a "
+                    "without embeddings (and the active count of a mixture of experts), training FLOPs "
+                    "per token (6N + attention term at --seq-len), KV-cache bytes per token and "
+                    "recurrent-state bytes per sequence, a table of what one sequence's cache would "
+                    "cost if every layer of the model's shape were MHA, GQA, MQA, MLA, sliding window, "
+                    "linear attention or an SSM, and the full model config. DIR may be an lmlab or a "
                     "Hugging Face checkpoint.",
     )
     i.add_argument("model", metavar="DIR", help="checkpoint directory (lmlab or Hugging Face)")
@@ -2355,6 +2463,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reward_commands(sub)
     add_align_commands(sub)
     add_cai_commands(sub)
+    add_passkey_command(sub)
     return parser
 
 

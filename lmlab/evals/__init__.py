@@ -10,4 +10,5 @@
     testtime.py  self-consistency, best-of-N with a verifier, pass@k curves
     judge.py     LLM-as-judge; redteam.py: attacks and attack success rates
     synthetic.py the speedrun's held-out synthetic evaluations
+    passkey.py   passkey retrieval at increasing context lengths (long context)
 """
