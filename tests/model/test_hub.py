@@ -14,7 +14,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
+from hf_parity import HFCase, lmlab_greedy, logits_of, max_diff, random_ids  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
@@ -82,21 +84,6 @@ CASES: dict[str, tuple[str, dict]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_single_threaded():
-    """Silence transformers' progress bars, and run these tiny models on one thread: on a
-    shared, busy CPU, intra-op threads of a 32-wide matmul spin-wait for each other and a
-    20-token generate takes seconds instead of milliseconds."""
-    verbosity, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    transformers.utils.logging.enable_progress_bar()
-    transformers.logging.set_verbosity(verbosity)
-
-
 def perturb_(model: torch.nn.Module, scale: float = 0.3) -> None:
     """Move norm weights and all biases off their init (ones / zeros), so a norm or bias that
     the conversion drops or misplaces changes the logits."""
@@ -114,69 +101,23 @@ def make_hf(model_type: str, overrides: dict, seed: int = 0):
     return hf
 
 
-def hf_logits(hf, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(ids).logits
-
-
-def lmlab_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def random_ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-class Case:
-    """A saved HF checkpoint and the logits of the freshly built HF model.
-
-    The reference logits are taken once, before anything else runs the model: transformers'
-    dynamic NTK RoPE is stateful (it keeps the longest frequencies it has seen while above
-    max_position_embeddings), so a later shorter forward would not be a clean reference."""
-
-    def __init__(self, name: str, path):
-        self.name = name
-        self.model_type, overrides = CASES[name]
-        self.hf = make_hf(self.model_type, overrides)
-        self.path = path
-        self.hf.save_pretrained(path)
-        self.ids = random_ids()
-        self.ref = hf_logits(self.hf, self.ids)
-
-
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory) -> Case:
-    return Case(request.param, tmp_path_factory.mktemp(request.param))
+def case(request, tmp_path_factory) -> HFCase:
+    model_type, overrides = CASES[request.param]
+    return HFCase(request.param, make_hf(model_type, overrides), tmp_path_factory.mktemp(request.param),
+                  random_ids(VOCAB, BATCH, SEQ))
 
 
 # --- HF -> lmlab ------------------------------------------------------------------------------
 
 
-def test_logits_match(case: Case):
+def test_logits_match(case: HFCase):
     model = load_hf(case.path)
     assert model.cfg.meta["hf_model_type"] == case.model_type
-    assert max_diff(lmlab_logits(model, case.ids), case.ref) <= TOL
+    assert max_diff(logits_of(model, case.ids), case.ref) <= TOL
 
 
-def lmlab_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy decoding through lmlab's KV cache: prefill once, then one token per step."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
-    with torch.no_grad():
-        logits = model(ids, cache=cache).logits
-        out = []
-        for _ in range(n):
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
-            out.append(token)
-            logits = model(token, cache=cache).logits
-    return torch.cat(out, dim=1)
-
-
-def test_greedy_tokens_match(case: Case):
+def test_greedy_tokens_match(case: HFCase):
     model = load_hf(case.path)
     with torch.no_grad():
         # no eos/pad ids in these configs, so nothing can stop generation early
@@ -207,12 +148,12 @@ def test_case_features_are_active(name: str, tmp_path):
     model_type, overrides = CASES[name]
     make_hf(model_type, overrides).save_pretrained(tmp_path)
     model = load_hf(tmp_path)
-    ids = random_ids()
+    ids = random_ids(VOCAB, BATCH, SEQ)
     for changes in ACTIVE_FEATURES[name]:
         other = build_model(model.cfg.replace(**changes), init=False)
         state = {k: v for k, v in model.state_dict().items() if k in other.state_dict()}
         other.load_state_dict(state)
-        assert max_diff(lmlab_logits(other, ids), lmlab_logits(model, ids)) > 1e-3, changes
+        assert max_diff(logits_of(other, ids), logits_of(model, ids)) > 1e-3, changes
 
 
 def test_skipped_norm_weight_is_detected(tmp_path):
@@ -221,12 +162,12 @@ def test_skipped_norm_weight_is_detected(tmp_path):
     hf = make_hf(model_type, overrides)
     hf.save_pretrained(tmp_path)
     model = load_hf(tmp_path)
-    ids = random_ids()
-    ref = hf_logits(hf, ids)
-    assert max_diff(lmlab_logits(model, ids), ref) <= TOL
+    ids = random_ids(VOCAB, BATCH, SEQ)
+    ref = logits_of(hf, ids)
+    assert max_diff(logits_of(model, ids), ref) <= TOL
     with torch.no_grad():
         model.blocks[0].mlp_norm.weight.fill_(1.0)
-    assert max_diff(lmlab_logits(model, ids), ref) > 1e-3
+    assert max_diff(logits_of(model, ids), ref) > 1e-3
 
 
 def test_sharded_safetensors(tmp_path):
@@ -235,8 +176,8 @@ def test_sharded_safetensors(tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    ids = random_ids()
-    assert max_diff(lmlab_logits(load_hf(tmp_path), ids), hf_logits(hf, ids)) <= TOL
+    ids = random_ids(VOCAB, BATCH, SEQ)
+    assert max_diff(logits_of(load_hf(tmp_path), ids), logits_of(hf, ids)) <= TOL
 
 
 def test_pytorch_bin_in_original_gpt2_layout(tmp_path):
@@ -251,8 +192,8 @@ def test_pytorch_bin_in_original_gpt2_layout(tmp_path):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    ids = random_ids()
-    assert max_diff(lmlab_logits(load_hf(tmp_path), ids), hf_logits(hf, ids)) <= TOL
+    ids = random_ids(VOCAB, BATCH, SEQ)
+    assert max_diff(logits_of(load_hf(tmp_path), ids), logits_of(hf, ids)) <= TOL
 
 
 def test_dtype_follows_checkpoint_unless_given(tmp_path):
@@ -278,20 +219,20 @@ def test_legacy_config_layout_matches_transformers(tmp_path):
     model = load_hf(tmp_path)
     rs = model.cfg.rope_scaling
     assert (model.cfg.rope_theta, rs.factor, rs.original_max_seq_len) == (5000.0, 3.0, 200)
-    ids = random_ids()
-    ref = hf_logits(reloaded.eval(), ids)
-    assert max_diff(lmlab_logits(model, ids), ref) <= TOL
+    ids = random_ids(VOCAB, BATCH, SEQ)
+    ref = logits_of(reloaded.eval(), ids)
+    assert max_diff(logits_of(model, ids), ref) <= TOL
     # and the override matters: with the nested value the YaRN ramp would differ
     nested = RopeScaling("yarn", 3.0, 16, attention_factor=rs.attention_factor)
     other = build_model(model.cfg.replace(rope_scaling=nested), init=False)
     other.load_state_dict(model.state_dict())
-    assert max_diff(lmlab_logits(other, ids), ref) > 1e-3
+    assert max_diff(logits_of(other, ids), ref) > 1e-3
 
 
 # --- lmlab -> HF ------------------------------------------------------------------------------
 
 
-def test_export_roundtrip(case: Case, tmp_path):
+def test_export_roundtrip(case: HFCase, tmp_path):
     model = load_hf(case.path)
     out = save_hf(model, tmp_path / "export")
     hf_cfg = json.loads((out / "config.json").read_text())
@@ -299,7 +240,7 @@ def test_export_roundtrip(case: Case, tmp_path):
     names = load_file(out / "model.safetensors").keys()
     assert ("lm_head.weight" in names) == (not model.cfg.tie_embeddings)
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert max_diff(hf_logits(reloaded, case.ids), case.ref) <= TOL
+    assert max_diff(logits_of(reloaded, case.ids), case.ref) <= TOL
 
 
 def _native(**changes) -> ModelConfig:
@@ -344,8 +285,8 @@ def test_native_model_exports(name: str, tmp_path):
     hf_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert hf_cfg["model_type"] == name.split("-")[0]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
-    ids = random_ids()
-    assert max_diff(hf_logits(reloaded.eval(), ids), lmlab_logits(model, ids)) <= TOL
+    ids = random_ids(VOCAB, BATCH, SEQ)
+    assert max_diff(logits_of(reloaded.eval(), ids), logits_of(model, ids)) <= TOL
 
 
 def test_export_refuses_non_empty_directory(tmp_path):

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
+from hf_parity import HFCase, lmlab_greedy, logits_of, max_diff, random_ids  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
@@ -56,19 +58,6 @@ CASES: dict[str, tuple[str, dict]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_single_threaded():
-    """Silence transformers, and run these tiny models on one thread (see tests/model/test_hub.py)."""
-    verbosity, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    transformers.utils.logging.enable_progress_bar()
-    transformers.logging.set_verbosity(verbosity)
-
-
 def make_hf(model_type: str, overrides: dict, seed: int = 0):
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model(model_type, **overrides)
@@ -83,58 +72,23 @@ def make_hf(model_type: str, overrides: dict, seed: int = 0):
     return hf
 
 
-def random_ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def lmlab_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    """Greedy decoding through lmlab's KV cache (MLA's absorbed form): prefill, then one token per step."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
-    with torch.no_grad():
-        logits = model(ids, cache=cache).logits
-        out = []
-        for _ in range(n):
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
-            out.append(token)
-            logits = model(token, cache=cache).logits
-    return torch.cat(out, dim=1)
-
-
-class Case:
-    def __init__(self, name: str, path):
-        self.name = name
-        self.model_type, overrides = CASES[name]
-        self.hf = make_hf(self.model_type, overrides)
-        self.path = path
-        self.hf.save_pretrained(path)
-        self.ids = random_ids()
-        self.ref = logits_of(self.hf, self.ids)
-
-
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory) -> Case:
-    return Case(request.param, tmp_path_factory.mktemp(request.param))
+def case(request, tmp_path_factory) -> HFCase:
+    model_type, overrides = CASES[request.param]
+    return HFCase(request.param, make_hf(model_type, overrides), tmp_path_factory.mktemp(request.param),
+                  random_ids(VOCAB, BATCH, SEQ))
 
 
 # --- HF -> lmlab ------------------------------------------------------------------------------
 
 
-def test_logits_match(case: Case):
+def test_logits_match(case: HFCase):
     model = load_hf(case.path)
     assert model.cfg.meta["hf_model_type"] == case.model_type
     assert max_diff(logits_of(model, case.ids), case.ref) <= TOL
 
 
-def test_greedy_tokens_match(case: Case):
+def test_greedy_tokens_match(case: HFCase):
     model = load_hf(case.path)
     with torch.no_grad():
         hf_out = case.hf.generate(case.ids, attention_mask=torch.ones_like(case.ids), do_sample=False,
@@ -142,7 +96,7 @@ def test_greedy_tokens_match(case: Case):
     assert torch.equal(lmlab_greedy(model, case.ids, NEW), hf_out[:, SEQ:])
 
 
-def test_config_is_resolved(case: Case):
+def test_config_is_resolved(case: HFCase):
     cfg = load_hf(case.path).cfg
     overrides = CASES[case.name][1]
     assert cfg.mla.rope_interleave == overrides.get("rope_interleave", True)
@@ -173,7 +127,7 @@ def test_case_features_are_active(name: str, tmp_path):
     model_type, overrides = CASES[name]
     make_hf(model_type, overrides).save_pretrained(tmp_path)
     model = load_hf(tmp_path)
-    ids = random_ids()
+    ids = random_ids(VOCAB, BATCH, SEQ)
     for changes in ACTIVE_FEATURES[name]:
         changes = {k: ({**dataclasses.asdict(getattr(model.cfg, k)), **v} if isinstance(v, dict) else v)
                    for k, v in changes.items()}
@@ -197,7 +151,7 @@ def test_yarn_attention_scale():
 # --- lmlab -> HF ------------------------------------------------------------------------------
 
 
-def test_save_round_trip(case: Case, tmp_path):
+def test_save_round_trip(case: HFCase, tmp_path):
     """load_hf -> save_hf: transformers loads the export with the original logits, every tensor unchanged."""
     model = load_hf(case.path)
     out = save_hf(model, tmp_path / "out")
@@ -227,7 +181,7 @@ def test_native_mla_model_exports(interleave, tmp_path):
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["model_type"] == ("deepseek_v2" if interleave else "deepseek_v3")
     hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
-    ids = random_ids()
+    ids = random_ids(VOCAB, BATCH, SEQ)
     assert max_diff(logits_of(hf, ids), logits_of(model, ids)) <= TOL
     assert load_hf(out).cfg.mla == cfg.mla
 
@@ -240,7 +194,7 @@ def test_native_attention_scale_exports(tmp_path):
     model = build_model(cfg).eval()
     out = save_hf(model, tmp_path / "out", model_type="deepseek_v3")
     hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
-    ids = random_ids()
+    ids = random_ids(VOCAB, BATCH, SEQ)
     assert max_diff(logits_of(hf, ids), logits_of(model, ids)) <= TOL
     assert load_hf(out).cfg.attn_scale == pytest.approx(0.4, rel=1e-12)
 
@@ -333,7 +287,7 @@ def test_multi_token_prediction_layers_are_skipped_but_other_extras_refused(tmp_
     make_hf("deepseek_v3", overrides).save_pretrained(tmp_path)
     n_layers = overrides["num_hidden_layers"]
     tensors = load_file(tmp_path / "model.safetensors")
-    ids = random_ids()
+    ids = random_ids(VOCAB, BATCH, SEQ)
     want = logits_of(load_hf(tmp_path), ids)
     tensors[f"model.layers.{n_layers}.eh_proj.weight"] = torch.zeros(4, 4)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})

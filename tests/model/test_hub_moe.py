@@ -15,7 +15,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
+from hf_parity import HFCase, lmlab_greedy, logits_of, max_diff, random_ids  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
@@ -53,18 +55,6 @@ CASES: dict[str, tuple[str, dict]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_single_threaded():
-    verbosity, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    transformers.utils.logging.enable_progress_bar()
-    transformers.logging.set_verbosity(verbosity)
-
-
 def make_hf(model_type: str, overrides: dict, seed: int = 0):
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **overrides),
@@ -78,60 +68,21 @@ def make_hf(model_type: str, overrides: dict, seed: int = 0):
     return hf
 
 
-def hf_logits(hf, ids):
-    with torch.no_grad():
-        return hf(ids).logits
-
-
-def lmlab_logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def random_ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def max_diff(a, b) -> float:
-    return (a - b).abs().max().item()
-
-
-class Case:
-    def __init__(self, name: str, path):
-        self.name = name
-        self.model_type, overrides = CASES[name]
-        self.hf = make_hf(self.model_type, overrides)
-        self.path = path
-        self.hf.save_pretrained(path)
-        self.ids = random_ids()
-        self.ref = hf_logits(self.hf, self.ids)
-
-
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory) -> Case:
-    return Case(request.param, tmp_path_factory.mktemp(request.param))
+def case(request, tmp_path_factory) -> HFCase:
+    model_type, overrides = CASES[request.param]
+    return HFCase(request.param, make_hf(model_type, overrides), tmp_path_factory.mktemp(request.param),
+                  random_ids(VOCAB, BATCH, SEQ))
 
 
 # --- HF -> lmlab ----------------------------------------------------------------------------------
-def test_logits_match(case: Case):
+def test_logits_match(case: HFCase):
     model = load_hf(case.path)
     assert model.cfg.meta["hf_model_type"] == case.model_type and model.cfg.moe is not None
-    assert max_diff(lmlab_logits(model, case.ids), case.ref) <= TOL
+    assert max_diff(logits_of(model, case.ids), case.ref) <= TOL
 
 
-def lmlab_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
-    with torch.no_grad():
-        logits = model(ids, cache=cache).logits
-        out = []
-        for _ in range(n):
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
-            out.append(token)
-            logits = model(token, cache=cache).logits
-    return torch.cat(out, dim=1)
-
-
-def test_greedy_tokens_match(case: Case):
+def test_greedy_tokens_match(case: HFCase):
     model = load_hf(case.path)
     with torch.no_grad():
         hf_out = case.hf.generate(case.ids, attention_mask=torch.ones_like(case.ids), do_sample=False,
@@ -139,7 +90,7 @@ def test_greedy_tokens_match(case: Case):
     assert torch.equal(lmlab_greedy(model, case.ids, NEW), hf_out[:, SEQ:])
 
 
-def test_routing_is_non_trivial(case: Case):
+def test_routing_is_non_trivial(case: HFCase):
     """Tokens spread over many expert sets, and the router matters: with its rows permuted (the same
     experts, chosen for other tokens) the logits move far beyond the tolerance."""
     model = load_hf(case.path)
@@ -151,10 +102,10 @@ def test_routing_is_non_trivial(case: Case):
         for block in model.blocks:
             if isinstance(block.mlp, MoE):
                 block.mlp.router.weight.copy_(block.mlp.router.weight.roll(1, dims=0))
-    assert max_diff(lmlab_logits(model, case.ids), case.ref) > 1e-2
+    assert max_diff(logits_of(model, case.ids), case.ref) > 1e-2
 
 
-def test_checkpoint_holds_one_tensor_per_expert(case: Case):
+def test_checkpoint_holds_one_tensor_per_expert(case: HFCase):
     """transformers 5 fuses experts in memory, but save_pretrained writes them one per expert: the
     layout the family tables read."""
     with safe_open(case.path / "model.safetensors", "pt") as f:
@@ -181,13 +132,13 @@ def test_case_features_are_active(name: str, tmp_path):
     model_type, overrides = CASES[name]
     make_hf(model_type, overrides).save_pretrained(tmp_path)
     model = load_hf(tmp_path)
-    ids = random_ids()
+    ids = random_ids(VOCAB, BATCH, SEQ)
     for changes in ACTIVE[name]:
         moe = {**model.cfg.moe.__dict__, **changes}
         other = build_model(model.cfg.replace(moe=type(model.cfg.moe)(**moe)), init=False)
         state = {k: v for k, v in model.state_dict().items() if k in other.state_dict()}
         other.load_state_dict(state)
-        assert max_diff(lmlab_logits(other, ids), lmlab_logits(model, ids)) > 1e-3, changes
+        assert max_diff(logits_of(other, ids), logits_of(model, ids)) > 1e-3, changes
 
 
 def test_qwen_dense_layers_from_sparse_step_and_mlp_only_layers():
@@ -217,12 +168,12 @@ def test_qwen2_moe_default_sliding_layers_follow_transformers():
 
 
 # --- lmlab -> HF ----------------------------------------------------------------------------------
-def test_export_roundtrip(case: Case, tmp_path):
+def test_export_roundtrip(case: HFCase, tmp_path):
     model = load_hf(case.path)
     out = save_hf(model, tmp_path / "export")
     assert json.loads((out / "config.json").read_text())["model_type"] == case.model_type
     reloaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert max_diff(hf_logits(reloaded, case.ids), case.ref) <= TOL
+    assert max_diff(logits_of(reloaded, case.ids), case.ref) <= TOL
 
 
 def test_config_roundtrip_for_every_case():
@@ -260,8 +211,8 @@ def test_native_moe_model_exports(name: str, tmp_path):
     save_hf(model, tmp_path / "out")
     assert json.loads((tmp_path / "out/config.json").read_text())["model_type"] == name
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
-    ids = random_ids()
-    assert max_diff(hf_logits(reloaded, ids), lmlab_logits(model, ids)) <= TOL
+    ids = random_ids(VOCAB, BATCH, SEQ)
+    assert max_diff(logits_of(reloaded, ids), logits_of(model, ids)) <= TOL
 
 
 def test_aux_loss_matches_transformers_for_one_layer(tmp_path):
@@ -273,7 +224,7 @@ def test_aux_loss_matches_transformers_for_one_layer(tmp_path):
     hf.save_pretrained(tmp_path)
     model = load_hf(tmp_path)
     assert model.cfg.moe.aux_loss_coef == pytest.approx(0.3)
-    ids = random_ids()
+    ids = random_ids(VOCAB, BATCH, SEQ)
     targets = torch.cat([ids[:, 1:], torch.full((BATCH, 1), -100)], dim=1)
     hf.train(), model.train()
     with torch.no_grad():

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
+from hf_parity import HFCase, lmlab_greedy, logits_of, max_diff, random_ids  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from lmlab.model import ModelConfig, build_model  # noqa: E402
@@ -38,18 +40,6 @@ CASES: dict[str, tuple[str, dict]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_single_threaded():
-    verbosity, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    transformers.utils.logging.enable_progress_bar()
-    transformers.logging.set_verbosity(verbosity)
-
-
 def perturb_(model: torch.nn.Module, scale: float = 0.3) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -67,47 +57,14 @@ def make_hf(model_type: str, overrides: dict, seed: int = 0):
     return hf
 
 
-def logits_of(model, ids, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, **kw).logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def random_ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-class Case:
-    def __init__(self, name: str, path):
-        self.model_type, overrides = CASES[name]
-        self.hf = make_hf(self.model_type, overrides)
-        self.path = path
-        self.hf.save_pretrained(path)
-        self.ids = random_ids()
-        self.ref = logits_of(self.hf, self.ids)
-
-
 @pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory) -> Case:
-    return Case(request.param, tmp_path_factory.mktemp(request.param))
+def case(request, tmp_path_factory) -> HFCase:
+    model_type, overrides = CASES[request.param]
+    return HFCase(request.param, make_hf(model_type, overrides), tmp_path_factory.mktemp(request.param),
+                  random_ids(VOCAB, BATCH, SEQ))
 
 
-def lmlab_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    cache = model.new_cache(ids.shape[0], ids.shape[1] + n)
-    with torch.no_grad():
-        logits = model(ids, cache=cache).logits
-        out = []
-        for _ in range(n):
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
-            out.append(token)
-            logits = model(token, cache=cache).logits
-    return torch.cat(out, dim=1)
-
-
-def test_logits_match(case: Case):
+def test_logits_match(case: HFCase):
     model = load_hf(case.path)
     cfg = model.cfg
     assert cfg.meta["hf_model_type"] == case.model_type and cfg.ssm.kind == case.model_type
@@ -116,7 +73,7 @@ def test_logits_match(case: Case):
     assert max_diff(logits_of(model, case.ids), case.ref) <= TOL
 
 
-def test_greedy_tokens_match(case: Case):
+def test_greedy_tokens_match(case: HFCase):
     model = load_hf(case.path)
     with torch.no_grad():
         hf_out = case.hf.generate(case.ids, attention_mask=torch.ones_like(case.ids), do_sample=False,
@@ -125,7 +82,7 @@ def test_greedy_tokens_match(case: Case):
     assert torch.equal(lmlab_greedy(model, case.ids, NEW), hf_out[:, SEQ:])
 
 
-def test_left_padded_row_matches_transformers_on_the_row_alone(case: Case):
+def test_left_padded_row_matches_transformers_on_the_row_alone(case: HFCase):
     """lmlab keeps padding out of the state, so a left-padded row gives what transformers gives for the
     row alone. (transformers zeroes the inputs of in_proj at padding, which is the same only without
     in_proj's bias: with use_bias its padded rows differ from the rows alone.)"""
@@ -137,7 +94,7 @@ def test_left_padded_row_matches_transformers_on_the_row_alone(case: Case):
     assert max_diff(ours[1], case.ref[1]) <= TOL
 
 
-def test_export_roundtrip(case: Case, tmp_path):
+def test_export_roundtrip(case: HFCase, tmp_path):
     model = load_hf(case.path)
     out = save_hf(model, tmp_path / "export")
     hf_cfg = json.loads((out / "config.json").read_text())
@@ -172,7 +129,7 @@ def test_native_model_exports(kind, tmp_path):
     save_hf(model, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == kind
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    ids = random_ids()
+    ids = random_ids(VOCAB, BATCH, SEQ)
     assert max_diff(logits_of(reloaded, ids), logits_of(model, ids)) <= TOL
 
 
