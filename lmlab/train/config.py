@@ -161,7 +161,18 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
 
 
 def _all_keys(sections: dict[str, type] | None = None) -> list[str]:
-    return [f"{s}.{f.name}" for s, kind in (sections or SECTIONS).items() for f in dataclasses.fields(kind)]
+    """Every settable key, nested tables included (model.moe.n_experts, model.rope_scaling.factor)."""
+
+    def keys(prefix: str, kind: type) -> list[str]:
+        out = []
+        for name, hint in typing.get_type_hints(kind).items():
+            out.append(f"{prefix}.{name}")
+            nested = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+            for sub in nested:
+                out += keys(f"{prefix}.{name}", sub)
+        return out
+
+    return [k for s, kind in (sections or SECTIONS).items() for k in keys(s, kind)]
 
 
 def _did_you_mean(key: str, sections: dict[str, type] | None = None) -> str:

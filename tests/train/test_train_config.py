@@ -35,6 +35,12 @@ def test_resolve_applies_overrides_and_checks_types(tiny_data):
         resolve(base, ["train.stpes=10"])
     with pytest.raises(ValueError, match="did you mean optim.betas"):
         resolve(base, ["train.betas=[0.9, 0.9]"])
+    # nested tables: model.moe / model.ssm are built from --set too, and a typo names the nested field
+    nested = resolve(base, ["model.moe.n_experts=4", "model.layer_pattern=['mamba', 'full']", "model.ssm.d_state=8"])
+    assert (nested.model.moe.n_experts, nested.model.layer_types, nested.model.ssm.d_state) == (
+        4, ["mamba", "full"], 8)
+    with pytest.raises(ValueError, match="did you mean model.moe.n_experts"):
+        resolve(base, ["model.moe.n_expert=4"])
     with pytest.raises(ValueError, match="unknown section"):
         resolve(base, ["trian.lr=1"])
     with pytest.raises(ValueError, match="train.lr"):
