@@ -204,12 +204,10 @@ class _Run:
         longest, M = max((len(p) for p in self.prompts), default=0), params.max_new_tokens
         # The last sampled token is never fed back, so the model sees positions < longest + M - 1.
         self.cache_len = longest + M - 1
-        # --- streaming (attention sinks) --------------------------------------------------------
         self.streaming = _streaming_option(streaming)
-        if self.streaming is not None:  # positions stay below the bounded cache's size
+        if self.streaming is not None:  # attention sinks: positions stay below the bounded cache's size
             n_sink, window, chunk = self.streaming
             self.cache_len = min(self.cache_len, n_sink + window - 1 + chunk)
-        # --- end streaming -----------------------------------------------------------------------
         if cfg.position == "learned" and self.cache_len > cfg.max_seq_len:
             raise ValueError(
                 f"a prompt of {longest} tokens + max_new_tokens={M} needs positions up to "
