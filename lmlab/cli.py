@@ -2303,8 +2303,8 @@ def cmd_passkey(args: argparse.Namespace) -> int:
         rope_scaling = args.rope_scaling
     streaming, sliding_window = None, args.sliding_window
     if args.sinks is not None:  # the window goes to the cache: a sliding-window mask would hide the sinks
-        window = args.sliding_window
-        streaming, sliding_window = (args.sinks, window, args.prefill_chunk or max(1, window // 4)), None
+        chunk = () if args.prefill_chunk is None else (args.prefill_chunk,)  # None: generate's default chunk
+        streaming, sliding_window = (args.sinks, args.sliding_window, *chunk), None
 
     device = _device(args.device)
     model = load(args.model, device=device, dtype=_dtype(args.dtype, device)).eval()

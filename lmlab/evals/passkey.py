@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from ..infer.generate import generate
+from ..infer.generate import generate, streaming_option
 from ..infer.sampling import SamplingParams
 from ..model import ModelConfig, RopeScaling, Transformer, build_model
 
@@ -225,8 +225,8 @@ def passkey_sweep(model: Transformer, tokenizer: TokenizerLike, lengths: Sequenc
         raise ValueError(f"length {min(lengths)} is below the shortest passkey prompt for this tokenizer "
                          f"({shortest} tokens); use lengths >= {shortest}")
     if streaming is not None:
-        n_sink, window, *rest = streaming
-        bound = n_sink + window - 1 + (rest[0] if rest else max(1, window // 4))
+        n_sink, window, chunk = streaming_option(streaming)
+        bound = n_sink + window - 1 + chunk
     else:
         bound = max(lengths) + max_new_tokens - 1
     if cfg.position == "learned" and bound > cfg.max_seq_len:

@@ -204,7 +204,7 @@ class _Run:
         longest, M = max((len(p) for p in self.prompts), default=0), params.max_new_tokens
         # The last sampled token is never fed back, so the model sees positions < longest + M - 1.
         self.cache_len = longest + M - 1
-        self.streaming = _streaming_option(streaming)
+        self.streaming = streaming_option(streaming)
         if self.streaming is not None:  # attention sinks: positions stay below the bounded cache's size
             n_sink, window, chunk = self.streaming
             self.cache_len = min(self.cache_len, n_sink + window - 1 + chunk)
@@ -421,7 +421,7 @@ def _stream_chunks(run: _Run) -> Iterator[StreamChunk]:
 
 # --- streaming (attention sinks) -------------------------------------------------------------------
 
-def _streaming_option(streaming: Sequence[int] | None) -> tuple[int, int, int] | None:
+def streaming_option(streaming: Sequence[int] | None) -> tuple[int, int, int] | None:
     """(n_sink, window[, chunk]) -> (n_sink, window, chunk), checked; None stays None."""
     if streaming is None:
         return None
