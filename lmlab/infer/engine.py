@@ -12,8 +12,9 @@ Each `step()` is one scheduler iteration (the iteration-level scheduling of Yu e
    Then, if nothing was preempted, waiting requests join, oldest first, as long as budget, blocks and
    `max_num_seqs` allow; a joining request first takes whatever prefix of its prompt the prefix cache
    holds (paged.py), and computes only the rest.
-2. One forward pass over the scheduled tokens (rows of similar length are batched together; see
-   `_forward`), reading and writing the paged cache.
+2. One forward pass over the scheduled tokens, packed end to end into one sequence (or, for models that
+   cannot run packed, rows of similar length batched together; see `_forward`), reading and writing the
+   paged cache.
 3. Sample the next token of every request whose fed tokens reached its end (penalties, temperature,
    top-k/p, min-p, per request; logit masks of constrained requests), or verify its drafted tokens;
    append, check stop conditions, stream the new text, and free the blocks of finished requests.
@@ -47,7 +48,7 @@ import torch
 
 from ..model import Transformer
 from .generate import DETOKENIZE_CONTEXT, Completion, IncrementalDetokenizer, StreamChunk, _find_stop, _stop_prefix_len
-from .paged import BlockPool, PagedKVCache
+from .paged import BlockPool, PagedKVCache, group_by_length, packable
 from .sampling import (
     SamplingParams,
     apply_repetition_penalty,
@@ -411,21 +412,20 @@ class Engine:
         """Feed each row's tokens after its context (tokens already cached); return each row's logits at the
         positions it needs: all fed positions for speculative rows, the last one otherwise.
 
-        Rows are padded to a common length within a forward pass, so rows of very different lengths (a
-        prefill chunk and many single-token decodes) go into separate passes: a row joins a pass while the
-        padding stays below half of the pass's tokens."""
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].feed))
-        groups, group, real = [], [], 0
-        for i in order:
-            n = len(rows[i].feed)
-            if group and (len(group) + 1) * len(rows[group[0]].feed) > 2 * (real + n):
-                groups.append(group)
-                group, real = [], 0
-            group.append(i)
-            real += n
-        groups.append(group)
+        Models of plain attention layers run one packed pass: every row's tokens end to end in one sequence,
+        so the matrix products see only real tokens (paged.PackedStep). Others (recurrent layers, MLA, ALiBi)
+        pad rows to a common length within a pass; rows of very different lengths (a prefill chunk and many
+        single-token decodes) go into separate passes (paged.group_by_length)."""
+        picks = [list(range(len(r.feed))) if r.drafts else [len(r.feed) - 1] for r in rows]
+        if packable(model):
+            step = kv.packed_step([r.req.table for r in rows], context, [len(r.feed) for r in rows])
+            ids = torch.tensor([t for r in rows for t in r.feed], device=self.device)[None]
+            h = model.hidden_states(ids, step, positions=step.positions)[0]
+            offsets = itertools.accumulate((len(r.feed) for r in rows), initial=0)
+            idx = torch.tensor([o + p for o, ps in zip(offsets, picks, strict=False) for p in ps], device=h.device)
+            return list(model.logits(h[idx]).float().split([len(ps) for ps in picks]))
         out: list[torch.Tensor | None] = [None] * len(rows)
-        for group in groups:
+        for group in group_by_length([len(r.feed) for r in rows]):
             T = len(rows[group[0]].feed)
             ids = torch.zeros(len(group), T, dtype=torch.long)
             for g, i in enumerate(group):
@@ -434,13 +434,11 @@ class Engine:
                            [len(rows[i].feed) for i in group],
                            [rows[i].req.slot for i in group] if kv.recurrent else None)
             h = model.hidden_states(ids.to(self.device), step, positions=step.positions)
-            picks = [(g, list(range(len(rows[i].feed))) if rows[i].drafts else [len(rows[i].feed) - 1])
-                     for g, i in enumerate(group)]
-            r_idx = torch.tensor([g for g, ps in picks for _ in ps], device=h.device)
-            p_idx = torch.tensor([p for _, ps in picks for p in ps], device=h.device)
+            r_idx = torch.tensor([g for g, i in enumerate(group) for _ in picks[i]], device=h.device)
+            p_idx = torch.tensor([p for i in group for p in picks[i]], device=h.device)
             logits = model.logits(h[r_idx, p_idx]).float()
-            for (g, _), chunk in zip(picks, logits.split([len(ps) for _, ps in picks]), strict=True):
-                out[group[g]] = chunk
+            for i, chunk in zip(group, logits.split([len(picks[i]) for i in group]), strict=True):
+                out[i] = chunk
         return out
 
     # --- sampling ------------------------------------------------------------------------------

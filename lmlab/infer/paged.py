@@ -23,6 +23,14 @@ blocks as each layer computes them. Gathering copies each row's context once per
 which costs the same order of memory traffic as reading it in attention: the right trade for a
 readable reference on CPU, where no paged-attention kernel exists.
 
+`PackedStep` is the same view with the rows' new tokens packed end to end into one sequence (1, N), as
+serving engines flatten a batch: the projections and MLPs, most of a step's work, then run on the N
+real tokens, with no padding and in one pass, however different the rows' lengths (a prompt chunk of
+300 tokens beside 30 single-token decodes). Only attention needs the rows apart: `attend` gathers
+each group of rows of similar length into the padded layout above, runs the layer's attention kernel
+on it, and scatters the outputs back to their packed places. It serves models whose every token mixer
+is plain attention (`packable`); the others use `PagedStep`.
+
 Recurrent layers (linear attention, SSM) keep no per-token cache but a fixed-size state per sequence.
 The pool holds one state row per *slot*; the engine gives each running request a slot, and a step
 gathers its rows' states and writes them back. A row that starts from scratch (no context yet: a new
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -185,6 +194,148 @@ class PagedKVCache:
             raise ValueError("a model with recurrent layers needs a state slot for every row of a step")
         return PagedStep(self, tables, context, new, slots)
 
+    def packed_step(self, tables: Sequence[Sequence[int]], context: Sequence[int], new: Sequence[int]) -> PackedStep:
+        """The same pass with the rows' new tokens packed into one sequence, for `packable` models."""
+        if self.recurrent:
+            raise ValueError("a model with recurrent layers keeps a state per row and cannot run packed steps")
+        return PackedStep(self, tables, context, new)
+
+
+def group_by_length(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of rows (of these lengths) in groups padded to a common length: longest first, a row joins the
+    current group while the padding stays below half of the group's slots. So a prompt chunk and many single-token
+    decodes go into separate groups, and rows of similar length share one."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, group, real = [], [], 0
+    for i in order:
+        if group and (len(group) + 1) * lengths[group[0]] > 2 * (real + lengths[i]):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += lengths[i]
+    if group:
+        groups.append(group)
+    return groups
+
+
+def packable(model: torch.nn.Module) -> bool:
+    """Whether `PackedStep` can run this model: every token mixer is plain attention (`Attention`, whose kernel
+    the step calls per group), without ALiBi (a bias over the whole pass) or a prefix-tuning hook. Recurrent
+    layers keep a state per row and MLA caches its own layout: those models run padded `PagedStep`s."""
+    from ..model.attention import Attention
+
+    return model.cfg.position != "alibi" and all(
+        type(block.attn) is Attention and block.attn.prefix is None for block in model.blocks)
+
+
+def _slots(table: torch.Tensor, rows: torch.Tensor, token: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat pool slot of token index `token` of row `rows` (broadcast), given the rows' block tables (B, width)."""
+    return table[rows, token // block_size] * block_size + token % block_size
+
+
+def _tables(tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Block tables as one (B, width) tensor, right-padded with block 0."""
+    width = max(1, max((len(t) for t in tables), default=1))
+    table = torch.zeros(len(tables), width, dtype=torch.long)
+    for i, t in enumerate(tables):
+        table[i, : len(t)] = torch.tensor(list(t), dtype=torch.long)
+    return table
+
+
+class PackedStep:
+    """One forward pass over rows whose new tokens are packed into a single sequence (see the module docstring).
+    Interface of `model.cache.KVCache` as far as `Transformer.hidden_states` uses it, plus `attend`, which
+    `Attention` calls instead of its own kernel call when the cache is `packed`. Positions must be passed to the
+    model: `positions` (1, N)."""
+
+    packed = True
+    length = 0
+    has_padding = False
+
+    def __init__(self, pool: PagedKVCache, tables, context, new):
+        if min(new, default=0) < 1:
+            raise ValueError("every row of a packed step feeds at least one token")
+        bs, device = pool.block_size, pool.device
+        self.pool, self.n_new = pool, sum(new)
+        self.max_len = self.n_new
+        table = _tables(tables)
+        ctx = torch.tensor(list(context), dtype=torch.long)
+        n_new = torch.tensor(list(new), dtype=torch.long)
+        row_of = torch.repeat_interleave(torch.arange(len(new)), n_new)  # (N,) the row of each packed token
+        starts = torch.cumsum(n_new, 0) - n_new  # packed index of each row's first new token
+        token = ctx[row_of] + torch.arange(self.n_new) - starts[row_of]  # each new token's index in its sequence
+        self.positions = token[None].to(device)
+        self.write_slots = _slots(table, row_of, token, bs).to(device)
+        self.n_tokens = torch.zeros(1, dtype=torch.long, device=device)
+        # Attention groups in the padded layout of PagedStep: each row's context left-padded to the group's
+        # widest (L slots), then its new tokens right-padded to the group's longest (T slots).
+        self.groups = []
+        for group in group_by_length(list(new)):
+            rows = torch.tensor(group)
+            L, T = int(ctx[rows].max()), int(n_new[rows].max())
+            c, m = ctx[rows][:, None], n_new[rows][:, None]
+            key_token = torch.arange(L + T)[None, :] - (L - c)  # (G, L + T): token index of each key slot
+            key_valid = (key_token >= 0) & (key_token < c + m)
+            read = torch.where(key_valid, _slots(table, rows[:, None], torch.where(key_valid, key_token, 0), bs), 0)
+            query_valid = torch.arange(T)[None, :] < m
+            query = torch.where(query_valid, starts[rows][:, None] + torch.arange(T)[None, :], 0)  # packed index
+            self.groups.append(_Group(read.to(device), key_valid.to(device), L, T, query.to(device),
+                                      query_valid.to(device), bool(key_valid.all())))
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    def reserve(self, n: int, valid: torch.Tensor | None = None) -> None:
+        if n != self.n_new:
+            raise ValueError(f"this packed step feeds {self.n_new} tokens, not {n}")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (1, H, N, D) in their blocks; `attend` reads them back per group."""
+        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
+        pool_k.index_copy_(0, self.write_slots, k[0].transpose(0, 1).to(pool_k.dtype))
+        pool_v.index_copy_(0, self.write_slots, v[0].transpose(0, 1).to(pool_v.dtype))
+        return k, v
+
+    def attend(self, layer: int, q: torch.Tensor, window: int | None, kernel) -> torch.Tensor:
+        """Attention output (1, H, N, D) for the packed queries q (1, H, N, D): per group, the queries and the
+        keys/values (context + new, from the pool) in the padded layout, kernel(q, k, v, mask) on them (the
+        layer's `Attention.attend`), and the real outputs scattered back to their packed places."""
+        from ..model.attention import causal_mask
+
+        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
+        flat_q = q[0].transpose(0, 1)  # (N, H, D)
+        out = flat_q.new_empty(flat_q.shape)
+        for g in self.groups:
+            G, S = g.read.shape
+            qg = flat_q.index_select(0, g.query.reshape(-1)).view(G, g.T, *flat_q.shape[1:]).transpose(1, 2)
+            kg = pool_k.index_select(0, g.read.reshape(-1)).view(G, S, *pool_k.shape[1:]).transpose(1, 2)
+            vg = pool_v.index_select(0, g.read.reshape(-1)).view(G, S, *pool_v.shape[1:]).transpose(1, 2)
+            effective = window if window is not None and window < S else None
+            if g.dense and g.L == 0 and effective is None:
+                mask = None  # one prompt chunk from its start (or rows of equal length): the kernel's causal path
+            else:
+                mask = causal_mask(g.L, g.T, S, effective, g.key_valid, q.device)
+            y = kernel(qg, kg.to(q.dtype), vg.to(q.dtype), mask).transpose(1, 2)  # (G, T, H, D)
+            out.index_copy_(0, g.query[g.query_valid], y[g.query_valid])
+        return out.transpose(0, 1)[None]
+
+    def advance(self, n: int) -> None:
+        pass  # the engine keeps each sequence's length
+
+
+@dataclass
+class _Group:
+    """Rows of a packed step whose attention runs as one padded batch (G rows, L context + T new slots each)."""
+
+    read: torch.Tensor  # (G, L + T) pool slot of every key (padding reads slot 0 and is masked)
+    key_valid: torch.Tensor  # (G, L + T)
+    L: int
+    T: int
+    query: torch.Tensor  # (G, T) packed index of each query (padding points at 0 and is dropped)
+    query_valid: torch.Tensor  # (G, T)
+    dense: bool  # no padding at all
+
 
 class PagedStep:
     """One forward pass's view of the paged pool, with the interface of `model.cache.KVCache` (see the module
@@ -201,10 +352,8 @@ class PagedStep:
         ctx = torch.tensor(list(context), dtype=torch.long)
         n_new = torch.tensor(list(new), dtype=torch.long)
         # flat slot index of every context token (left-padded: padding reads slot 0, and is masked)
-        width = max(1, max((len(t) for t in tables), default=1))
-        table = torch.zeros(B, width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(list(t), dtype=torch.long)
+        table = _tables(tables)
+        width = table.shape[1]
         token = torch.arange(L)[None, :] - (L - ctx)[:, None]  # (B, L): token index, < 0 for padding
         ctx_valid = token >= 0
         token = token.clamp(min=0)

@@ -113,23 +113,29 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-
-        mask = masks[self.window]  # None: plain causal from slot 0, or one query seeing everything
-        prefix = self.prefix(B) if self.prefix is not None else None
-        if prefix is not None:
-            k, v, mask, alibi = prepend_prefix(*prefix, k, v, mask, alibi, T)
-        if mask is None and T > 1 and (self.impl == "reference" or self.softcap is not None or alibi is not None):
-            mask = causal_mask(0, T, T, None, None, x.device)
-        if self.impl == "reference" or self.softcap is not None:
-            y = reference_attention(q, k, v, mask, self.scale, self.softcap, alibi)
+        if getattr(cache, "packed", False):  # the engine's packed step: it runs attention per group of its rows
+            y = cache.attend(self.layer, q, self.window, self.attend)
         else:
-            attn_mask, is_causal = mask, mask is None and T > 1
-            if alibi is not None:  # SDPA takes an additive float mask: bias, -inf where masked
-                attn_mask = alibi.to(q.dtype)
-                if mask is not None:
-                    attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
+            mask = masks[self.window]  # None: plain causal from slot 0, or one query seeing everything
+            prefix = self.prefix(B) if self.prefix is not None else None
+            if prefix is not None:
+                k, v, mask, alibi = prepend_prefix(*prefix, k, v, mask, alibi, T)
+            y = self.attend(q, k, v, mask, alibi)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               alibi: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(q k^T * scale + bias, masked) v for q (B, n_heads, T, D) and k, v (B, n_kv_heads, S, D);
+        a mask of None means plain causal when T > 1 (the kernel's fast path) and no mask for one query."""
+        T = q.shape[2]
+        if mask is None and T > 1 and (self.impl == "reference" or self.softcap is not None or alibi is not None):
+            mask = causal_mask(0, T, k.shape[2], None, None, q.device)
+        if self.impl == "reference" or self.softcap is not None:
+            return reference_attention(q, k, v, mask, self.scale, self.softcap, alibi)
+        attn_mask, is_causal = mask, mask is None and T > 1
+        if alibi is not None:  # SDPA takes an additive float mask: bias, -inf where masked
+            attn_mask = alibi.to(q.dtype)
+            if mask is not None:
+                attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)

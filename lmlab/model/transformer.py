@@ -239,7 +239,9 @@ class Transformer(nn.Module):
         if cfg.recurrent:  # which of this call's tokens are real (B, T), or None: padding never enters a state
             masks["valid"] = (cache.valid[:, start:start + T] if cache.has_padding else None) if cache is not None \
                 else key_valid
-        for layer in range(cfg.n_layers):
+        # the serving engine's packed step (infer/paged.py) masks each group of its rows itself
+        layers = () if getattr(cache, "packed", False) else range(cfg.n_layers)
+        for layer in layers:
             window = cfg.window_of(layer)
             if window not in masks:
                 effective = window if window is not None and window < n_k else None

@@ -12,6 +12,7 @@ import torch
 
 from lmlab.infer.engine import Engine, EngineConfig
 from lmlab.infer.generate import generate, stream
+from lmlab.infer.paged import PagedKVCache, packable
 from lmlab.infer.sampling import SamplingParams
 from lmlab.model import ModelConfig, build_model
 
@@ -91,6 +92,55 @@ def test_mixed_requests_equal_plain_generation(kind, cache):
         assert stats.preemptions > 0
     assert stats.blocks_used == 0 and stats.running == stats.waiting == 0
     engine.blocks.check()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "window"])
+def test_packed_step_equals_padded_step(kind):
+    """A packed pass (every row's new tokens end to end, attention per group of rows) gives each row the logits of
+    the padded pass and writes the same keys and values: rows with and without context, prompt chunks beside
+    single-token decodes, a sliding window shorter than some contexts, soft-capped attention."""
+    model = tiny(kind)
+    bs, context, new = 4, [0, 5, 17, 30, 3, 9], [7, 1, 1, 12, 4, 1]
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, V, (c + n,), generator=g).tolist() for c, n in zip(context, new, strict=True)]
+    tables, next_block = [], 1
+    for c, n in zip(context, new, strict=True):
+        need = -(-(c + n) // bs)
+        tables.append(list(range(next_block, next_block + need)))
+        next_block += need
+    pools = [PagedKVCache(model.cfg, next_block, bs) for _ in range(2)]
+    assert packable(model)
+
+    def padded(pool, rows, ctx, feed):
+        ids = torch.zeros(len(rows), max(map(len, feed)), dtype=torch.long)
+        for i, f in enumerate(feed):
+            ids[i, : len(f)] = torch.tensor(f)
+        step = pool.step([tables[r] for r in rows], ctx, [len(f) for f in feed])
+        return model.logits(model.hidden_states(ids, step, positions=step.positions))
+
+    with torch.no_grad():
+        have = [i for i, c in enumerate(context) if c]
+        for pool in pools:  # the contexts, written identically into both pools
+            padded(pool, have, [0] * len(have), [tokens[i][: context[i]] for i in have])
+        feeds = [t[c:] for t, c in zip(tokens, context, strict=True)]
+        want = padded(pools[0], list(range(len(new))), context, feeds)
+        step = pools[1].packed_step(tables, context, new)
+        ids = torch.tensor([t for f in feeds for t in f])[None]
+        got = model.logits(model.hidden_states(ids, step, positions=step.positions))[0]
+    assert len(step.groups) > 1  # the chunks and the decodes attend in separate groups
+    for i, rows in enumerate(got.split(new)):
+        torch.testing.assert_close(rows, want[i, : new[i]], rtol=1e-5, atol=1e-5)
+    for a, b in zip(pools[0].k + pools[0].v, pools[1].k + pools[1].v, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_steps_only_for_plain_attention():
+    """ALiBi (a bias over the whole pass) and prefix tuning keep the padded path; plain attention models pack."""
+    assert packable(tiny("llama")) and packable(tiny("gpt2")) and packable(tiny("window"))
+    assert not packable(tiny("alibi"))
+    model = tiny("llama")
+    model.blocks[1].attn.prefix = lambda batch_size: None
+    assert not packable(model)
 
 
 def test_logprobs_equal_plain_generation():
