@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 # wall: elapsed seconds; cpu: this process's CPU seconds (all its threads), which other processes' load barely
@@ -25,3 +26,11 @@ def timed(fn, repeats: int, clock: str = "wall") -> list[float]:
         fn()
         times.append(now() - t)
     return times
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write a benchmark's results to `path` atomically: a reader never sees half a file."""
+    from lmlab.atomic import atomic_file
+
+    with atomic_file(path, "w") as f:
+        json.dump(result, f, indent=2)

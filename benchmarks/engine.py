@@ -54,7 +54,6 @@ neighbour; see benchmarks/common.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -63,7 +62,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from common import CLOCKS, add_clock_argument  # benchmarks/common.py: scripts run as `python benchmarks/NAME.py`
+from common import CLOCKS, add_clock_argument, write_json  # benchmarks/common.py
 from tqdm import tqdm
 
 from lmlab.infer import SamplingParams, generate
@@ -408,10 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
               "parameters": n_params, "hf_logit_max_abs_diff": logit_diff, "load_average": [load_before, load_after],
               "rows": rows}
     if args.json:
-        from lmlab.atomic import atomic_file
-
-        with atomic_file(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -44,14 +44,13 @@ seconds of this process (see benchmarks/common.py). All four models run the same
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import weakref
 from pathlib import Path
 
 import torch
-from common import CLOCKS, add_clock_argument, timed  # benchmarks/common.py: scripts run as `python benchmarks/NAME.py`
+from common import CLOCKS, add_clock_argument, timed, write_json  # benchmarks/common.py
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -332,10 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      f"{args.threads} thread{'s' if args.threads > 1 else ''} ({args.clock} clock)")
         print(f"plot: {args.plot}")
     if args.json:
-        from lmlab.atomic import atomic_file
-
-        with atomic_file(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -44,7 +44,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import CLOCKS, add_clock_argument  # benchmarks/common.py: scripts run as `python benchmarks/NAME.py`
+from common import CLOCKS, add_clock_argument, write_json  # benchmarks/common.py
 
 METHODS = ("full", "lora", "qlora")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -284,10 +284,7 @@ def main(argv: list[str] | None = None) -> None:
               f"loss {row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}", flush=True)
     print_table(rows)
     if args.json:
-        from lmlab.atomic import atomic_file
-
-        with atomic_file(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=2)
+        write_json(args.json, {"args": vars(args), "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

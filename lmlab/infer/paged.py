@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -314,8 +314,10 @@ class PackedStep:
             effective = window if window is not None and window < S else None
             if g.dense and g.L == 0 and effective is None:
                 mask = None  # one prompt chunk from its start (or rows of equal length): the kernel's causal path
-            else:
-                mask = causal_mask(g.L, g.T, S, effective, g.key_valid, q.device)
+            elif effective in g.masks:
+                mask = g.masks[effective]
+            else:  # built at the first layer that needs it, then shared by the others
+                mask = g.masks[effective] = causal_mask(g.L, g.T, S, effective, g.key_valid, q.device)
             y = kernel(qg, kg.to(q.dtype), vg.to(q.dtype), mask).transpose(1, 2)  # (G, T, H, D)
             out.index_copy_(0, g.query[g.query_valid], y[g.query_valid])
         return out.transpose(0, 1)[None]
@@ -335,6 +337,7 @@ class _Group:
     query: torch.Tensor  # (G, T) packed index of each query (padding points at 0 and is dropped)
     query_valid: torch.Tensor  # (G, T)
     dense: bool  # no padding at all
+    masks: dict = field(default_factory=dict)  # window (None: full causal) -> (G, 1, T, L + T) boolean mask
 
 
 class PagedStep:
