@@ -15,6 +15,7 @@ from lmlab.infer.generate import generate, stream
 from lmlab.infer.paged import PagedKVCache, packable
 from lmlab.infer.sampling import SamplingParams
 from lmlab.model import ModelConfig, build_model
+from lmlab.model.config import MoEConfig
 
 V = 97
 
@@ -24,6 +25,7 @@ MODELS = {
                  qkv_bias=True, tie_embeddings=True),
     "window": dict(sliding_window=8, layer_types=["sliding", "full"], attn_softcap=30.0),
     "alibi": dict(position="alibi", qk_norm=True),
+    "moe": dict(moe=MoEConfig(n_experts=4, top_k=2, d_expert=32, n_shared_experts=1)),  # routing per token
 }
 
 
