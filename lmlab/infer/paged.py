@@ -257,7 +257,6 @@ class PackedStep:
             raise ValueError("every row of a packed step feeds at least one token")
         bs, device = pool.block_size, pool.device
         self.pool, self.n_new = pool, sum(new)
-        self.max_len = self.n_new
         table = _tables(tables)
         ctx = torch.tensor(list(context), dtype=torch.long)
         n_new = torch.tensor(list(new), dtype=torch.long)
