@@ -346,7 +346,7 @@ class PagedStep:
 
     def __init__(self, pool: PagedKVCache, tables, context, new, slots=None):
         bs, device = pool.block_size, pool.device
-        B, L, T = len(context), max(context), max(new)
+        L, T = max(context), max(new)
         self.pool, self.length, self.max_len = pool, L, L + T
         if slots is not None:
             self.slots = torch.tensor(list(slots), dtype=torch.long, device=device)

@@ -61,6 +61,25 @@ def reference_attention(q, k, v, mask, scale: float, softcap: float | None = Non
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
 
 
+def attention_kernel(q, k, v, mask, scale: float, softcap: float | None = None, alibi: torch.Tensor | None = None,
+                     impl: str = "sdpa") -> torch.Tensor:
+    """softmax(q k^T * scale + bias, masked) v for q (B, H, T, D) and k, v (B, H or fewer heads, S, D), through
+    `impl` ("sdpa", or "reference"; soft-capping always takes the reference path, which SDPA cannot express).
+    A mask of None means plain causal from slot 0 when T > 1 (SDPA's fast path) and no mask for one query."""
+    T = q.shape[2]
+    if mask is None and T > 1 and (impl == "reference" or softcap is not None or alibi is not None):
+        mask = causal_mask(0, T, k.shape[2], None, None, q.device)
+    if impl == "reference" or softcap is not None:
+        return reference_attention(q, k, v, mask, scale, softcap, alibi)
+    attn_mask, is_causal = mask, mask is None and T > 1
+    if alibi is not None:  # SDPA takes an additive float mask: bias, -inf where masked
+        attn_mask = alibi.to(q.dtype)
+        if mask is not None:
+            attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 def prepend_prefix(k_prefix: torch.Tensor, v_prefix: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None, alibi: torch.Tensor | None, n_q: int):
     """Put P learned keys/values (B, n_kv_heads, P, head_dim) before the keys/values k, v (B, n_kv_heads, n_k,
@@ -125,17 +144,5 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                alibi: torch.Tensor | None = None) -> torch.Tensor:
-        """softmax(q k^T * scale + bias, masked) v for q (B, n_heads, T, D) and k, v (B, n_kv_heads, S, D);
-        a mask of None means plain causal when T > 1 (the kernel's fast path) and no mask for one query."""
-        T = q.shape[2]
-        if mask is None and T > 1 and (self.impl == "reference" or self.softcap is not None or alibi is not None):
-            mask = causal_mask(0, T, k.shape[2], None, None, q.device)
-        if self.impl == "reference" or self.softcap is not None:
-            return reference_attention(q, k, v, mask, self.scale, self.softcap, alibi)
-        attn_mask, is_causal = mask, mask is None and T > 1
-        if alibi is not None:  # SDPA takes an additive float mask: bias, -inf where masked
-            attn_mask = alibi.to(q.dtype)
-            if mask is not None:
-                attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                              enable_gqa=self.n_kv_heads != self.n_heads)
+        """This layer's attention (its implementation, scale and soft-cap) on q, k, v: see `attention_kernel`."""
+        return attention_kernel(q, k, v, mask, self.scale, self.softcap, alibi, self.impl)

@@ -38,10 +38,9 @@ it). YaRN's temperature on cos/sin comes with `rope`, as for every other layer.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import causal_mask, reference_attention
+from .attention import attention_kernel
 from .cache import KVCache
 from .config import ModelConfig
 from .norm import Norm
@@ -135,17 +134,5 @@ class MultiHeadLatentAttention(nn.Module):
         return o_lat @ w_uv.transpose(1, 2)  # (B, H, T, v)
 
     def _attend(self, q, k, v, mask, alibi) -> torch.Tensor:
-        """softmax(q k^T * scale + alibi, masked) v for q (B, H, T, D) and k, v with H or 1 heads; the mask
-        conventions of `Attention.forward` (None: plain causal from slot 0, or one query seeing all keys)."""
-        T = q.shape[2]
-        if mask is None and T > 1 and (self.impl == "reference" or self.softcap is not None or alibi is not None):
-            mask = causal_mask(0, T, k.shape[2], None, None, q.device)
-        if self.impl == "reference" or self.softcap is not None:
-            return reference_attention(q, k, v, mask, self.scale, self.softcap, alibi)
-        attn_mask, is_causal = mask, mask is None and T > 1
-        if alibi is not None:  # SDPA takes an additive float mask: bias, -inf where masked
-            attn_mask = alibi.to(q.dtype)
-            if mask is not None:
-                attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        """Attention with k, v of H heads or 1 (the absorbed form); the conventions of `attention_kernel`."""
+        return attention_kernel(q, k, v, mask, self.scale, self.softcap, alibi, self.impl)
