@@ -64,3 +64,30 @@ class HFCase:
         self.model_type = hf.config.model_type
         hf.save_pretrained(path)
         self.ref = logits_of(hf, ids)
+
+
+def random_hf(model_type: str, overrides: dict, perturb, seed: int = 0, attn_implementation: str | None = "eager"):
+    """A random transformers causal LM of `model_type` with these config overrides (float32, eval mode), its weights
+    then moved off their initial values by `perturb(model)` (under no_grad), so that a norm, bias or buffer the
+    conversion drops or misplaces changes the logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **overrides), **kwargs).float().eval()
+    with torch.no_grad():
+        perturb(hf)
+    return hf
+
+
+def case_fixture(cases: dict, make_hf, vocab: int, batch: int, seq: int):
+    """A test_hub*.py file's module-scoped `case` fixture: one HFCase per entry of `cases` (name -> (model_type,
+    overrides)), built by make_hf(model_type, overrides), with its reference logits on random ids."""
+
+    @pytest.fixture(scope="module", params=list(cases))
+    def case(request, tmp_path_factory) -> HFCase:
+        model_type, overrides = cases[request.param]
+        return HFCase(request.param, make_hf(model_type, overrides), tmp_path_factory.mktemp(request.param),
+                      random_ids(vocab, batch, seq))
+
+    return case

@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
-from hf_parity import HFCase, lmlab_greedy, logits_of, max_diff, random_ids  # noqa: E402
+from hf_parity import HFCase, case_fixture, lmlab_greedy, logits_of, max_diff, random_hf, random_ids  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
@@ -58,25 +58,20 @@ CASES: dict[str, tuple[str, dict]] = {
 }
 
 
+def perturb_(model: torch.nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if "norm" in name or name.endswith("bias"):
+            p.add_(torch.randn_like(p) * 0.3)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # large enough to change which experts are picked
+            b.copy_(torch.randn_like(b) * 0.5)
+
+
 def make_hf(model_type: str, overrides: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(model_type, **overrides)
-    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.3)
-        for name, b in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # large enough to change which experts are picked
-                b.copy_(torch.randn_like(b) * 0.5)
-    return hf
+    return random_hf(model_type, overrides, perturb_, seed)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory) -> HFCase:
-    model_type, overrides = CASES[request.param]
-    return HFCase(request.param, make_hf(model_type, overrides), tmp_path_factory.mktemp(request.param),
-                  random_ids(VOCAB, BATCH, SEQ))
+case = case_fixture(CASES, make_hf, VOCAB, BATCH, SEQ)
 
 
 # --- HF -> lmlab ------------------------------------------------------------------------------

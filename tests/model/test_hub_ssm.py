@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
-from hf_parity import HFCase, lmlab_greedy, logits_of, max_diff, random_ids  # noqa: E402
+from hf_parity import HFCase, case_fixture, lmlab_greedy, logits_of, max_diff, random_hf, random_ids  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from lmlab.model import ModelConfig, build_model  # noqa: E402
@@ -50,18 +50,10 @@ def perturb_(model: torch.nn.Module, scale: float = 0.3) -> None:
 
 
 def make_hf(model_type: str, overrides: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(model_type, **overrides)
-    hf = AutoModelForCausalLM.from_config(cfg).float().eval()
-    perturb_(hf)
-    return hf
+    return random_hf(model_type, overrides, perturb_, seed, attn_implementation=None)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory) -> HFCase:
-    model_type, overrides = CASES[request.param]
-    return HFCase(request.param, make_hf(model_type, overrides), tmp_path_factory.mktemp(request.param),
-                  random_ids(VOCAB, BATCH, SEQ))
+case = case_fixture(CASES, make_hf, VOCAB, BATCH, SEQ)
 
 
 def test_logits_match(case: HFCase):
