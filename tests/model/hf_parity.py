@@ -52,6 +52,14 @@ def lmlab_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
+def hf_greedy(hf, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """n greedy tokens from a transformers model (the configs have no eos/pad ids, so nothing stops early)."""
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n)
+    assert out.shape == (ids.shape[0], ids.shape[1] + n)
+    return out[:, ids.shape[1]:]
+
+
 class HFCase:
     """A transformers model saved to `path`, and its logits on `ids`.
 
